@@ -1,0 +1,319 @@
+"""Datasets and loaders for MNIST, CIFAR-10 and TinyImageNet.
+
+Two paths lead to batches of ``(x, y, index)``:
+
+* ``data_loaders`` / ``make_loaders``: torchvision datasets behind ``DataLoader``s;
+* ``fast_loaders`` / ``DeviceTensorLoader``: the whole image set as one uint8 tensor on a
+  device, batched and augmented there (MNIST and CIFAR-10 only).
+
+``index`` is each example's position in its dataset, used to address per-example stores.
+"""
+
+import math
+import pickle
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, transforms
+
+INPUT_SHAPES = {'mnist': (1, 28, 28), 'cifar10': (3, 32, 32), 'tinyimagenet': (3, 64, 64)}
+NUM_CLASSES = {'mnist': 10, 'cifar10': 10, 'tinyimagenet': 200}
+NORMALIZATION = {
+    'cifar10': ((0.485, 0.456, 0.406), (0.225, 0.225, 0.225)),
+    'tinyimagenet': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+CROP_PADDING = 4
+TINY_FOLDER = 'tiny-imagenet-200'
+
+# What torchvision raises when files are absent, truncated, fail their md5 or cannot be fetched
+# (urllib's URLError is an OSError).
+_TORCHVISION_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError)
+
+
+class IndexedDataset(Dataset):
+    """Wraps a dataset so that each item is ``(x, y, index)``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        x, y = self.dataset[index]
+        return x, y, index
+
+
+class DataNotFoundError(RuntimeError):
+    """A dataset's files are missing or unreadable; the message says where to put them."""
+
+
+def _checked_name(data):
+    """Returns ``data`` if it names a supported dataset, else raises ValueError."""
+    if data not in INPUT_SHAPES:
+        raise ValueError(f"unknown dataset {data!r}; expected one of {', '.join(INPUT_SHAPES)}")
+    return data
+
+
+def input_shape(data):
+    """(C, H, W) of one input image of ``data``."""
+    return INPUT_SHAPES[_checked_name(data)]
+
+
+def num_classes(data):
+    """Number of classes of ``data``."""
+    return NUM_CLASSES[_checked_name(data)]
+
+
+def normalization_stats(data, normalization):
+    """(mean, std) to normalise ``data`` with, or None (MNIST is never normalised)."""
+    if not normalization or _checked_name(data) == 'mnist':
+        return None
+    return NORMALIZATION[data]
+
+
+def _compose(data, augment_steps, normalization):
+    """Augmentation steps, then ToTensor, then normalisation if asked for."""
+    steps = [*augment_steps, transforms.ToTensor()]
+    stats = normalization_stats(data, normalization)
+    if stats is not None:
+        steps.append(transforms.Normalize(*stats))
+    return transforms.Compose(steps)
+
+
+def _cifar_transforms(augmentation, normalization):
+    """(train, test) transforms for CIFAR-10."""
+    augment = [transforms.RandomCrop(32, padding=CROP_PADDING),
+               transforms.RandomHorizontalFlip()] if augmentation else []
+    return (_compose('cifar10', augment, normalization),
+            _compose('cifar10', [], normalization))
+
+
+def _tiny_transforms(augmentation, normalization):
+    """(train, test) transforms for TinyImageNet; training images are always flipped."""
+    augment = [transforms.RandomCrop(64, padding=CROP_PADDING)] if augmentation else []
+    augment.append(transforms.RandomHorizontalFlip())
+    return (_compose('tinyimagenet', augment, normalization),
+            _compose('tinyimagenet', [], normalization))
+
+
+def _missing_message(name, data_dir, expected, download):
+    """One line saying which dataset is missing, where it was looked for and what to do."""
+    if download:
+        return (f'{name} not found (or corrupt) under {data_dir} and it could not be downloaded; '
+                f'put {expected} there or run on a machine with network')
+    return (f'{name} not found (or corrupt) under {data_dir} and download is off; '
+            f'put {expected} there or allow the download on a machine with network')
+
+
+def _torchvision_pair(dataset_class, name, expected, data_dir, download, transform_pair):
+    """(train, test) torchvision datasets; any loading failure becomes a DataNotFoundError."""
+    train_transform, test_transform = transform_pair
+    try:
+        train_set = dataset_class(data_dir, train=True, transform=train_transform,
+                                  download=download)
+        test_set = dataset_class(data_dir, train=False, transform=test_transform,
+                                 download=download)
+    except _TORCHVISION_LOAD_ERRORS as error:
+        raise DataNotFoundError(_missing_message(name, data_dir, expected, download)) from error
+    return train_set, test_set
+
+
+def _check_tiny_layout(root):
+    """Raises DataNotFoundError unless ``root`` holds train/ and a regrouped val/."""
+    if not (root / 'train').is_dir() or not (root / 'val').is_dir():
+        raise DataNotFoundError(
+            f'TinyImageNet not found under {root} (needs train/ and val/); '
+            f'run TinyImagenet/data/tinyimagenet.sh {root.parent} to download and prepare it')
+    if (root / 'val' / 'images').is_dir():
+        raise DataNotFoundError(
+            f'TinyImageNet val/ under {root} is not regrouped into class folders; '
+            f'run python TinyImagenet/data/val_format.py --root {root}')
+
+
+def _tinyimagenet_pair(data_dir, transform_pair):
+    """(train, val) ImageFolders of TinyImageNet with matching class indices."""
+    root = Path(data_dir) / TINY_FOLDER
+    _check_tiny_layout(root)
+    train_transform, test_transform = transform_pair
+    try:
+        train_set = datasets.ImageFolder(root / 'train', transform=train_transform)
+        test_set = datasets.ImageFolder(root / 'val', transform=test_transform)
+    except OSError as error:
+        raise DataNotFoundError(
+            f'TinyImageNet images not found under {root} ({error}); '
+            f'run TinyImagenet/data/tinyimagenet.sh {root.parent}') from error
+    if train_set.classes != test_set.classes:
+        raise DataNotFoundError(
+            f'TinyImageNet under {root}: val/ class folders differ from train/ ones; unpack '
+            f'the archive again and run python TinyImagenet/data/val_format.py --root {root}')
+    return train_set, test_set
+
+
+def build_datasets(data, data_dir='data/', *, augmentation=True, normalization=False,
+                   download=True):
+    """(train_set, test_set) of ``data`` with their transforms, not yet indexed."""
+    data = _checked_name(data)
+    if data == 'mnist':
+        plain = transforms.ToTensor()
+        return _torchvision_pair(datasets.MNIST, 'MNIST', 'MNIST/raw/ (the four IDX files)',
+                                 data_dir, download, (plain, plain))
+    if data == 'cifar10':
+        return _torchvision_pair(datasets.CIFAR10, 'CIFAR-10', 'cifar-10-batches-py/',
+                                 data_dir, download,
+                                 _cifar_transforms(augmentation, normalization))
+    return _tinyimagenet_pair(data_dir, _tiny_transforms(augmentation, normalization))
+
+
+def make_loaders(train_set, test_set, batch_size, test_batch_size, *, shuffle=True,
+                 drop_last=False, num_workers=0, pin_memory=False, train_sampler=None,
+                 test_sampler=None):
+    """(train_loader, test_loader) over indexed copies of the sets; the test one keeps order."""
+    common = dict(num_workers=num_workers, pin_memory=pin_memory,
+                  persistent_workers=num_workers > 0)
+    train_loader = DataLoader(IndexedDataset(train_set), batch_size=batch_size,
+                              shuffle=None if train_sampler is not None else shuffle,
+                              sampler=train_sampler, drop_last=drop_last, **common)
+    test_loader = DataLoader(IndexedDataset(test_set), batch_size=test_batch_size,
+                             sampler=test_sampler, **common)
+    return train_loader, test_loader
+
+
+def data_loaders(data, data_dir, batch_size, test_batch_size, *, augmentation, normalization,
+                 shuffle=True, drop_last=False, num_workers=2, download=True):
+    """build_datasets followed by make_loaders."""
+    train_set, test_set = build_datasets(data, data_dir, augmentation=augmentation,
+                                         normalization=normalization, download=download)
+    return make_loaders(train_set, test_set, batch_size, test_batch_size, shuffle=shuffle,
+                        drop_last=drop_last, num_workers=num_workers)
+
+
+def random_crop_flip(images, padding, generator):
+    """Per-sample random crop of a zero-padded batch plus a random horizontal flip.
+
+    Same distribution as torchvision RandomCrop(size, padding) + RandomHorizontalFlip():
+    each sample gets its own offsets in [0, 2*padding] and flips with probability 1/2.
+    """
+    count, _, height, width = images.shape
+    device = images.device
+    padded = F.pad(images, (padding,) * 4)
+    top = torch.randint(0, 2 * padding + 1, (count, 1), generator=generator, device=device)
+    left = torch.randint(0, 2 * padding + 1, (count, 1), generator=generator, device=device)
+    flip = torch.rand((count, 1), generator=generator, device=device) < 0.5
+    columns = torch.arange(width, device=device)
+    columns = torch.where(flip, width - 1 - columns, columns) + left
+    rows = torch.arange(height, device=device) + top
+    samples = torch.arange(count, device=device)[:, None, None]
+    crops = padded.permute(0, 2, 3, 1)[samples, rows[:, :, None], columns[:, None, :]]
+    return crops.permute(0, 3, 1, 2).contiguous()
+
+
+def images_nchw(data):
+    """uint8 images [N, C, H, W] from torchvision's [N, H, W] or channels-last [N, H, W, C]."""
+    images = torch.as_tensor(data)
+    if images.dtype != torch.uint8 or images.dim() not in (3, 4):
+        raise ValueError(f'expected uint8 images [N,H,W] or [N,H,W,C], got {images.dtype} '
+                         f'{list(images.shape)}')
+    if images.dim() == 3:
+        return images.unsqueeze(1).contiguous()
+    return images.permute(0, 3, 1, 2).contiguous()
+
+
+class DeviceImageSet:
+    """A whole image set on one device: uint8 ``images`` [N,C,H,W] and int64 ``labels``."""
+
+    def __init__(self, images, labels):
+        self.images = images
+        self.labels = labels
+
+    def __len__(self):
+        return self.images.shape[0]
+
+
+class DeviceTensorLoader:
+    """Batches ``(x, y, index)`` of an image set held on one device, augmented there.
+
+    ``x`` is float in [0, 1] (normalised when ``normalization=(mean, std)``), ``index`` the global
+    position of each example. ``sampler_indices`` restricts iteration to the examples this
+    process owns. Shuffling draws a new order each epoch from a generator seeded with ``seed``.
+    """
+
+    def __init__(self, images, labels, batch_size, *, device=None, shuffle=False,
+                 drop_last=False, augment=False, normalization=None, seed=0,
+                 sampler_indices=None):
+        device = torch.device(device) if device is not None else images.device
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f'expected uint8 images [N,C,H,W], got {images.dtype} '
+                             f'{list(images.shape)}')
+        if len(labels) != len(images):
+            raise ValueError(f'{len(images)} images but {len(labels)} labels')
+        self.dataset = DeviceImageSet(images.to(device), torch.as_tensor(labels).to(device).long())
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.augment = augment
+        self.owned = (torch.arange(len(images), device=device) if sampler_indices is None
+                      else torch.as_tensor(sampler_indices).to(device).long())
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.mean, self.std = self._stats_tensors(normalization, device)
+
+    @classmethod
+    def from_dataset(cls, dataset, batch_size, **options):
+        """Loader over a torchvision MNIST/CIFAR10 set, read from its ``.data``/``.targets``."""
+        return cls(images_nchw(dataset.data), torch.as_tensor(dataset.targets), batch_size,
+                   **options)
+
+    @staticmethod
+    def _stats_tensors(normalization, device):
+        """(mean, std) as [1, C, 1, 1] tensors (C may be 1), or (None, None)."""
+        if normalization is None:
+            return None, None
+        mean, std = (torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+                     for values in normalization)
+        return mean, std
+
+    def __len__(self):
+        rounding = math.floor if self.drop_last else math.ceil
+        return rounding(len(self.owned) / self.batch_size)
+
+    def __iter__(self):
+        order = self._epoch_order()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield self._batch(order[start:start + self.batch_size])
+
+    def _epoch_order(self):
+        """Owned global indices, in a fresh random order when shuffling."""
+        if not self.shuffle:
+            return self.owned
+        permutation = torch.randperm(len(self.owned), generator=self.generator,
+                                     device=self.owned.device)
+        return self.owned[permutation]
+
+    def _batch(self, index):
+        """(x, y, index) for the given global indices."""
+        images = self.dataset.images[index]
+        if self.augment:
+            images = random_crop_flip(images, CROP_PADDING, self.generator)
+        x = images.float().div_(255)
+        if self.mean is not None:
+            x = x.sub_(self.mean).div_(self.std)
+        return x, self.dataset.labels[index], index
+
+
+def fast_loaders(data, data_dir, batch_size, test_batch_size, *, device, augmentation,
+                 normalization, shuffle, drop_last, seed, download=True):
+    """(train, test) DeviceTensorLoaders for MNIST or CIFAR-10 (issue #4 fast path)."""
+    if _checked_name(data) == 'tinyimagenet':
+        raise ValueError('TinyImageNet is read from image folders; use data_loaders for it')
+    train_set, test_set = build_datasets(data, data_dir, augmentation=False,
+                                         normalization=False, download=download)
+    stats = normalization_stats(data, normalization)
+    train_loader = DeviceTensorLoader.from_dataset(
+        train_set, batch_size, device=device, shuffle=shuffle, drop_last=drop_last,
+        augment=augmentation and data == 'cifar10', normalization=stats, seed=seed)
+    test_loader = DeviceTensorLoader.from_dataset(test_set, test_batch_size, device=device,
+                                                  normalization=stats)
+    return train_loader, test_loader
