@@ -103,6 +103,17 @@ def is_affine(layer):
 _global_vectors = weakref.WeakKeyDictionary()   # layer -> persistent start vector (warm start)
 
 
+def global_vectors_state(model):
+    """{layer index: persistent global power-iteration vector} of ``model`` (for checkpoints)."""
+    return {i: _global_vectors[layer].cpu() for i, layer in enumerate(model) if layer in _global_vectors}
+
+
+def load_global_vectors(model, state):
+    device = next(model.parameters()).device
+    for i, u in state.items():
+        _global_vectors[model[int(i)]] = u.to(device)
+
+
 def global_spectral_norm(op, iters, tol=GLOBAL_TOL):
     """||W||_2 of the operator by power iteration, warm-started from the layer's last vector."""
     u = _global_vectors.get(op.layer)
@@ -180,8 +191,8 @@ class PassOptions:
 
 def affine_rule(layer, index, state, options):
     op = make_operator(layer, state.centre.shape[1:])
-    box_mid = op.affine((state.lower + state.upper) / 2)
-    box_rad = op.absolute((state.upper - state.lower) / 2)
+    box_mid = op.affine((state.lower + state.upper) * 0.5)
+    box_rad = op.absolute((state.upper - state.lower) * 0.5)
     centre = op.affine(state.centre)
     ball_rad = state.radius.view(-1, *([1] * (centre.dim() - 1))) * op.row_norms()
     lower = torch.maximum(box_mid - box_rad, centre - ball_rad)
@@ -191,11 +202,19 @@ def affine_rule(layer, index, state, options):
     return BoundState(centre, state.radius * sigma, lower, upper, None, state.records, state.sparsity)
 
 
-def _activation_step(state, act, mask, out_mask, sparsity):
-    """Shared part of every activation rule: box through ``act`` intersected with the ball's box."""
+def _activation_step(state, act, mask, out_mask, sparsity, elementwise=True):
+    """Shared part of every activation rule: box through ``act`` intersected with the ball's box.
+
+    For an elementwise non-decreasing ``act``, ``max(act(l), act(m - r)) = act(max(l, m - r))``
+    (and likewise for the upper bound), so the intersection is taken before the activation.
+    """
     r = state.radius.view(-1, *([1] * (state.centre.dim() - 1)))
-    lower = torch.maximum(act(state.lower), act(state.centre - r))
-    upper = torch.minimum(act(state.upper), act(state.centre + r))
+    if elementwise:
+        lower = act(torch.maximum(state.lower, state.centre - r))
+        upper = act(torch.minimum(state.upper, state.centre + r))
+    else:
+        lower = torch.maximum(act(state.lower), act(state.centre - r))
+        upper = torch.minimum(act(state.upper), act(state.centre + r))
     if out_mask:
         state.records[-1].out_mask = mask
     return BoundState(act(state.centre), state.radius, lower, upper, mask, state.records,
@@ -219,7 +238,7 @@ def relu_rule(layer, index, state, options):
 
 def maxmin_rule(layer, index, state, options):
     act = lambda t: clamp_maxmin(t, layer.max, layer.min)  # noqa: E731
-    new = _activation_step(state, act, None, False, 0.0)
+    new = _activation_step(state, act, None, False, 0.0, elementwise=False)
     high_lower, _ = new.lower.split(new.lower.size(1) // 2, dim=1)
     _, low_upper = new.upper.split(new.upper.size(1) // 2, dim=1)
     fixed = torch.cat([high_lower >= layer.max, low_upper <= layer.min], dim=1)
@@ -303,6 +322,7 @@ class SingularVectorStore:
             self.position[owned] = torch.arange(len(owned))
             self.position = self.position.to(self.device)
             count = len(owned)
+        self.num_owned = count
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.vectors = {i: _random_normal((count, *shape), dtype, self.device, pin_memory, generator)
                         for i, shape in shapes.items()}
@@ -540,7 +560,8 @@ def global_lipschitz(model, *, sniter=2000, input_shape=None):
 class BoundedModel(nn.Module):
     """Wraps a Sequential so that one forward (and so DistributedDataParallel) covers the bound pass.
 
-    ``forward(x)`` is the plain model; ``forward(x, y, eps, **options)`` returns a ``BoundOutput``.
+    ``forward(x)`` is the plain model; ``forward(x, y, eps, **options)`` returns the fields of
+    ``bound_outputs`` as a tuple (logits, worst, lipschitz, sparsity).
     """
 
     def __init__(self, model):
@@ -550,4 +571,5 @@ class BoundedModel(nn.Module):
     def forward(self, x, y=None, eps=None, **options):
         if eps is None:
             return self.model(x)
-        return bound_outputs(self.model, x, y, eps, **options)
+        out = bound_outputs(self.model, x, y, eps, **options)
+        return out.logits, out.worst, out.lipschitz, out.sparsity

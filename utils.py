@@ -236,6 +236,13 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
     g.add_argument('--drop_last', action='store_true')
     g.add_argument('--no_shuffle', action='store_true')
     g.add_argument('--workers', type=int, default=2, help='DataLoader worker processes')
+    g = p.add_argument_group('performance')
+    g.add_argument('--store_device', choices=['auto', 'cpu', 'cuda'], default='auto',
+                   help='where the per-example singular vectors live: auto = the compute device when '
+                        'they fit in half its free memory, else pinned host memory')
+    g.add_argument('--store_dtype', choices=['float32', 'float16', 'bfloat16'], default='float32')
+    g.add_argument('--amp', action='store_true',
+                   help='mixed precision for the plain warm-up epochs (never for certification)')
     g = p.add_argument_group('run')
     g.add_argument('--prefix', default=None, help='files are written to pretrained/<prefix>_<model>_*')
     g.add_argument('--saved_model', default=None, help='checkpoint prefix (loads <saved_model>_best.pth)')
@@ -274,8 +281,10 @@ def finish_args(parser, args, end_lr_default=None):
         parser.error('epsilons must be >= 0')
     if args.lr_scheduler == 'multistep' and not args.wd_list:
         parser.error('--lr_scheduler multistep needs --wd_list milestones')
-    if args.lr_scheduler == 'exp' and args.epochs // 2 - args.more <= 0:
-        parser.error('--lr_scheduler exp needs --epochs // 2 > --more')
+    half = args.epochs // 2
+    if args.lr_scheduler == 'exp' and half + args.more < args.epochs and half <= args.more:
+        parser.error(f'--lr_scheduler exp: the decay would start at epoch {half + args.more} but '
+                     f'--epochs // 2 ({half}) must exceed --more ({args.more}); change --more')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         parser.error(f'--device {args.device} requested but CUDA is not available')
     args.augmentation = not args.no_augmentation
@@ -409,15 +418,18 @@ class AverageMeter:
 
 
 def get_logger(path=None, quiet=False):
-    """Logger to stdout (unless quiet) and, if ``path`` is given, appending to that file."""
+    """Epoch lines to stdout (unless quiet); with ``path``, those and per-batch lines appended there."""
     logger = logging.getLogger('locallip')
+    for handler in logger.handlers:
+        handler.close()
     logger.handlers.clear()
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)
     logger.propagate = False
     fmt = logging.Formatter('%(asctime)s %(message)s', datefmt='%H:%M:%S')
     if not quiet:
         stream = logging.StreamHandler(sys.stdout)
         stream.setFormatter(fmt)
+        stream.setLevel(logging.INFO)
         logger.addHandler(stream)
     if path is not None:
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)

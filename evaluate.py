@@ -1,0 +1,54 @@
+"""Clean, PGD and certified error of a saved model (ours or the authors' checkpoints).
+
+    python evaluate.py --data cifar10 --model c6f2_relux --epsilon 0.141 --test_sniter 2000 \
+        --saved_model pretrained/relu/cifar_6C2F
+"""
+import sys
+
+from torch.utils.data import Subset
+
+import data_load
+import trainer
+import utils
+
+
+def extra_flags(parser):
+    parser.add_argument('--no_pgd', action='store_true', help='skip the PGD attack')
+    parser.add_argument('--limit', type=int, default=None, help='evaluate only the first N test examples')
+
+
+def checkpoint_path(saved_model):
+    """``<saved_model>_best.pth``, or the path itself when it already names a .pth file."""
+    return saved_model if saved_model.endswith('.pth') else saved_model + '_best.pth'
+
+
+def main(argv=None):
+    args = utils.argparser(data='cifar10', model='c6f2_relux', argv=argv, extra=extra_flags)
+    if args.saved_model is None:
+        sys.exit('error: --saved_model is required (the prefix of <prefix>_best.pth)')
+    runtime = trainer.init_runtime(args.device)
+    logger = utils.get_logger(quiet=not runtime.is_main)
+    try:
+        path = checkpoint_path(args.saved_model)
+        model, state = trainer.load_model(path, args.data, args.model, args.init, runtime.device)
+        logger.info(f'{path}: {args.model} on {args.data}'
+                    + (f", saved at epoch {state['epoch']}" if 'epoch' in state else ''))
+        _, test_set = data_load.build_datasets(args.data, args.data_dir, augmentation=False,
+                                               normalization=args.normalization)
+        if args.limit is not None:
+            test_set = Subset(test_set, range(min(args.limit, len(test_set))))
+        loader = trainer.test_loader_for(test_set, args, runtime)
+        if args.no_pgd:
+            clean, cert, _, total = trainer.evaluate_certified(model, loader, args, runtime, args.epsilon)
+            logger.info(f'{total} test examples at eps {args.epsilon:.4f}: clean error {clean:.4f} | '
+                        f'certified error {cert:.4f} (acc {1 - cert:.4f})')
+            return {'clean_err': clean, 'certified_err': cert, 'examples': total}
+        return trainer.evaluate_all(model, loader, args, runtime, logger)
+    except trainer.USER_ERRORS as error:
+        sys.exit(f'error: {error}')
+    finally:
+        trainer.close_runtime(runtime)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,522 @@
+"""The training procedure of SPEC section 4, shared by every training script.
+
+One process or many (``torchrun``): rank 0 alone writes logs and checkpoints, metrics are summed
+over ranks, every rank keeps the per-example singular vectors of its own share of the data.
+"""
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import data_load
+import local_bound
+import utils
+
+
+# ----------------------------------------------------------------------------- processes
+
+@dataclass
+class Runtime:
+    """Where this process runs and which share of the work it has."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    def sum(self, values):
+        """Sum a list of numbers over all ranks (identity in one process)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.distributed:
+            dist.all_reduce(t)
+        return t.tolist()
+
+
+def init_runtime(device):
+    """Runtime for ``--device``; joins the process group when launched by torchrun."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    if world_size == 1:
+        return Runtime(torch.device(device))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if device.startswith('cuda'):
+        torch.cuda.set_device(local_rank)
+        device = f'cuda:{local_rank}'
+    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    return Runtime(torch.device(device), dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def close_runtime(runtime):
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every epoch gives this rank the same fixed share of the data set, in a new order.
+
+    The shares are disjoint slices of one seeded permutation, all of the same length
+    ``len // world_size`` (at most ``world_size - 1`` examples are left out of training), so a
+    rank's per-example store only holds its own share.
+    """
+
+    def __init__(self, size, rank, world_size, *, shuffle=True, seed=0):
+        per_rank = size // world_size
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+        self.indices = order[rank * per_rank:(rank + 1) * per_rank].sort().values
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(self.indices.tolist())
+        generator = torch.Generator().manual_seed(self.seed + 1 + self.epoch)
+        return iter(self.indices[torch.randperm(len(self.indices), generator=generator)].tolist())
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def eval_indices(size, runtime):
+    """Test examples of this rank: every example once over all ranks, none padded."""
+    return torch.arange(runtime.rank, size, runtime.world_size)
+
+
+# ----------------------------------------------------------------------------- data
+
+def build_loaders(args, runtime, train_set=None, test_set=None):
+    """Train/test loaders for ``args`` on this rank, plus the dataset indices each rank owns.
+
+    ``train_set``/``test_set`` replace the torchvision data (the seam tests use).
+    """
+    if train_set is None:
+        train_set, test_set = data_load.build_datasets(
+            args.data, args.data_dir, augmentation=args.augmentation,
+            normalization=args.normalization)
+    shard = ShardSampler(len(train_set), runtime.rank, runtime.world_size,
+                         shuffle=args.shuffle, seed=args.seed)
+    train_sampler = shard if runtime.distributed else None
+    owned_test = eval_indices(len(test_set), runtime)
+    test_sampler = owned_test.tolist() if runtime.distributed else None
+    train_loader, test_loader = data_load.make_loaders(
+        train_set, test_set, args.batch_size, args.test_batch_size, shuffle=args.shuffle,
+        drop_last=args.drop_last, num_workers=args.workers,
+        pin_memory=runtime.device.type == 'cuda', train_sampler=train_sampler,
+        test_sampler=test_sampler)
+    owned_train = shard.indices if runtime.distributed else None
+    return train_loader, test_loader, owned_train, owned_test if runtime.distributed else None
+
+
+def test_loader_for(test_set, args, runtime):
+    """An ordered loader over this rank's share of ``test_set`` (all of it in one process)."""
+    sampler = eval_indices(len(test_set), runtime).tolist() if runtime.distributed else None
+    return torch.utils.data.DataLoader(data_load.IndexedDataset(test_set), batch_size=args.test_batch_size,
+                                       sampler=sampler, num_workers=args.workers)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing or does not fit the requested model (one-line message)."""
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a torn checkpoint."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = f'{path}.tmp{os.getpid()}'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path, map_location='cpu'):
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {path}')
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CheckpointError(f'cannot read checkpoint {path}: {error}') from error
+
+
+def load_weights(model, state_dict, path, model_name):
+    """Load ``state_dict`` into ``model``; a mismatch is a CheckpointError naming the problem."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}'
+              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        detail = '; '.join(filter(None, [
+            f'missing {missing[:4]}' if missing else '',
+            f'unexpected {unexpected[:4]}' if unexpected else '',
+            f'shape mismatch {shapes[:3]}' if shapes else '']))
+        raise CheckpointError(f'{path} does not fit --model {model_name}: {detail}')
+    model.load_state_dict(state_dict)
+
+
+def load_model(path, data, model_name, init=1.0, device='cpu'):
+    """A model of SPEC section 1 with the weights of checkpoint ``path`` (ours or the authors')."""
+    state = load_state(path)
+    weights = state.get('state_dict', state) if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise CheckpointError(f'{path} holds no state_dict')
+    weights = {k.removeprefix('module.'): v for k, v in weights.items()}
+    model = utils.select_model(data, model_name, init, device)
+    load_weights(model, weights, path, model_name)
+    return model, state
+
+
+# ----------------------------------------------------------------------------- epochs
+
+@dataclass
+class EpochStats:
+    loss: float = 0.0
+    robust_loss: float = 0.0
+    sparse_loss: float = 0.0
+    error: float = 0.0
+    robust_error: float = 0.0
+    count: int = 0
+
+
+def _summed(runtime, sums, count):
+    """EpochStats from per-rank sums: (loss, robust loss, sparse, errors, robust errors)."""
+    *totals, n = runtime.sum(list(sums) + [count])
+    n = max(n, 1)
+    return EpochStats(totals[0] / n, totals[1] / n, totals[2] / n, totals[3] / n, totals[4] / n, int(n))
+
+
+def _progress(loader, runtime, desc):
+    return tqdm(loader, desc=desc, leave=False, disable=not runtime.is_main or not sys.stderr.isatty(),
+                dynamic_ncols=True)
+
+
+def bound_options(args, training):
+    """Keyword options of the bound pass for training or test time."""
+    return dict(sniter=args.sniter if training else args.test_sniter,
+                opt_iter=args.opt_iter if training else args.test_opt_iter,
+                gloro=args.gloro, bound=args.bound, translation=getattr(args, 'translation', 'label'),
+                sp_thres=getattr(args, 'sp_thres', None) if getattr(args, 'sparse', 0) else None)
+
+
+def train_clean_epoch(net, loader, optimizer, args, runtime, epoch, logger):
+    """Warm-up epoch: plain cross-entropy (autocast when ``--amp``)."""
+    net.train()
+    sums, count = [0.0] * 5, 0
+    autocast = torch.autocast(runtime.device.type, dtype=_amp_dtype(runtime), enabled=getattr(args, 'amp', False))
+    for i, (x, y, _) in enumerate(_progress(loader, runtime, f'epoch {epoch} (clean)')):
+        x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+        with autocast:
+            logits = net(x)
+            loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        utils.clamp_thresholds(_plain(net))
+        wrong = (logits.argmax(1) != y).sum().item()
+        sums[0] += loss.item() * len(y)
+        sums[3] += wrong
+        count += len(y)
+        _log_batch(logger, args, epoch, i, len(loader), loss.item(), wrong / len(y))
+    return _summed(runtime, sums, count)
+
+
+def _amp_dtype(runtime):
+    return torch.float16 if runtime.device.type == 'cuda' else torch.bfloat16
+
+
+def train_robust_epoch(net, loader, optimizer, args, runtime, epoch, eps, kappa, store, logger):
+    """Robust epoch: kappa CE(z) + (1-kappa) CE(worst-case z) with per-batch eps/kappa increments."""
+    net.train()
+    options = bound_options(args, training=True)
+    sparse_weight = getattr(args, 'sparse', 0.0)
+    sums, count = [0.0] * 5, 0
+    for i, (x, y, index) in enumerate(_progress(loader, runtime, f'epoch {epoch}')):
+        eps_i, kappa_i = utils.batch_schedule(args, eps, kappa, i, len(loader))
+        x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+        logits, worst, _, sparsity = net(x, y, eps_i, store=store, index=index, **options)
+        ce = F.cross_entropy(logits, y)
+        robust = F.cross_entropy(worst, y)
+        if args.gloro:
+            loss = robust
+        else:
+            loss = kappa_i * ce + (1 - kappa_i) * (robust + sparse_weight * sparsity)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        utils.clamp_thresholds(_plain(net))
+        n = len(y)
+        wrong = (logits.argmax(1) != y).sum().item()
+        robust_wrong = (worst.argmax(1) != y).sum().item()
+        for k, value in enumerate((ce.item() * n, robust.item() * n, float(sparsity) * n, wrong, robust_wrong)):
+            sums[k] += value
+        count += n
+        _log_batch(logger, args, epoch, i, len(loader), ce.item(), wrong / n, robust.item(), robust_wrong / n, eps_i)
+    return _summed(runtime, sums, count)
+
+
+def _log_batch(logger, args, epoch, i, n, loss, err, robust_loss=None, robust_err=None, eps=None):
+    if logger is None or not args.verbose or not (i == 0 or i == n - 1 or (i + 1) % args.verbose == 0):
+        return
+    line = f'  [{epoch}][{i + 1}/{n}] loss {loss:.4f} err {err:.3f}'
+    if robust_loss is not None:
+        line += f' eps {eps:.4f} robust loss {robust_loss:.4f} robust err {robust_err:.3f}'
+    logger.debug(line)
+
+
+@torch.no_grad()
+def evaluate_clean(model, loader, runtime):
+    """Summed over ranks: (clean error, number of examples)."""
+    model.eval()
+    wrong = total = 0
+    for x, y, _ in _progress(loader, runtime, 'clean test'):
+        x, y = x.to(runtime.device), y.to(runtime.device)
+        wrong += (model(x).argmax(1) != y).sum().item()
+        total += len(y)
+    wrong, total = runtime.sum([wrong, total])
+    return wrong / max(total, 1), int(total)
+
+
+@torch.no_grad()
+def evaluate_certified(model, loader, args, runtime, eps, store=None):
+    """Summed over ranks: (clean error, certified error, robust loss, examples) at ``eps``."""
+    model.eval()
+    options = bound_options(args, training=False)
+    options['sp_thres'] = None
+    wrong = uncertified = loss = total = 0
+    for x, y, index in _progress(loader, runtime, f'certify eps={eps:.4f}'):
+        x, y = x.to(runtime.device), y.to(runtime.device)
+        out = local_bound.bound_outputs(model, x, y, eps, store=store, index=index, **options)
+        wrong += (out.logits.argmax(1) != y).sum().item()
+        uncertified += (out.worst.argmax(1) != y).sum().item()
+        loss += F.cross_entropy(out.worst, y, reduction='sum').item()
+        total += len(y)
+    wrong, uncertified, loss, total = runtime.sum([wrong, uncertified, loss, total])
+    total = max(total, 1)
+    return wrong / total, uncertified / total, loss / total, int(total)
+
+
+def evaluate_pgd(model, loader, args, runtime):
+    """Summed over ranks: error under L2 PGD at ``--epsilon``."""
+    model.eval()
+    wrong = total = 0
+    for x, y, _ in _progress(loader, runtime, 'PGD'):
+        x, y = x.to(runtime.device), y.to(runtime.device)
+        adv = utils.pgd_l2(model, x, y, args.epsilon, steps=args.niter, alpha=args.alpha,
+                           restarts=args.restarts)
+        with torch.no_grad():
+            wrong += (model(adv).argmax(1) != y).sum().item()
+        total += len(y)
+    wrong, total = runtime.sum([wrong, total])
+    return wrong / max(total, 1)
+
+
+def _plain(net):
+    """The nn.Sequential inside a (DDP-wrapped) BoundedModel."""
+    return getattr(net, 'module', net).model
+
+
+# ----------------------------------------------------------------------------- stores
+
+def store_placement(args, runtime, nbytes):
+    """(device, pin_memory) for a store of ``nbytes``: the compute device when it fits, else host."""
+    choice = getattr(args, 'store_device', 'auto')
+    if choice == 'cpu' or runtime.device.type == 'cpu':
+        return torch.device('cpu'), runtime.device.type == 'cuda'
+    if choice == 'auto':
+        free, _ = torch.cuda.mem_get_info(runtime.device)
+        if nbytes > 0.5 * free:
+            return torch.device('cpu'), True
+    return runtime.device, False
+
+
+def make_store(model, args, runtime, size, owned, seed):
+    """Per-example store for a data set of ``size`` examples (this rank's share when ``owned``)."""
+    if args.bound == 'global':
+        return None
+    dtype = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}[
+        getattr(args, 'store_dtype', 'float32')]
+    shape = data_load.input_shape(args.data)
+    layers = getattr(args, 'indices', None)
+    shapes = local_bound.affine_input_shapes(model, shape)
+    count = size if owned is None else len(owned)
+    per_example = sum(math.prod(s) for i, s in shapes.items() if layers is None or i in layers)
+    nbytes = count * per_example * torch.finfo(dtype).bits // 8
+    device, pin = store_placement(args, runtime, nbytes)
+    return local_bound.SingularVectorStore(model, shape, size, layers=layers, device=device,
+                                           dtype=dtype, pin_memory=pin, owned=owned, seed=seed)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _checkpoint(model, optimizer, scheduler, epoch, err, best_err, args):
+    return {'state_dict': model.state_dict(), 'err': err, 'epoch': epoch,
+            'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+            'best_err': best_err, 'rng': torch.get_rng_state(),
+            'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            'global_vectors': local_bound.global_vectors_state(model), 'args': vars(args)}
+
+
+def _save_epoch(model, optimizer, scheduler, stores, epoch, err, best_err, args, logger):
+    """Checkpoint after ``epoch``; from the end of the ramp-up on also keep the best model."""
+    full_from = args.warmup + args.rampup
+    if epoch >= full_from and err < best_err:
+        best_err = err
+        atomic_save({'state_dict': model.state_dict(), 'err': err, 'epoch': epoch}, args.prefix + '_best.pth')
+        logger.info(f'  best certified error so far: {err:.4f} -> {args.prefix}_best.pth')
+    atomic_save(_checkpoint(model, optimizer, scheduler, epoch, err, best_err, args),
+                args.prefix + '_checkpoint.pth')
+    if args.save_store and any(s is not None for s in stores):
+        atomic_save([None if s is None else s.state_dict() for s in stores], args.prefix + '_store.pth')
+    return best_err
+
+
+def _resume(model, optimizer, scheduler, stores, args, runtime, logger):
+    """Restore an interrupted run; returns (first epoch to run, best error)."""
+    path = args.prefix + '_checkpoint.pth'
+    state = load_state(path, map_location=runtime.device)
+    if 'optimizer' not in state:
+        raise CheckpointError(f'{path} has no optimiser state (not written by this code); cannot --resume')
+    load_weights(model, state['state_dict'], path, args.model)
+    optimizer.load_state_dict(state['optimizer'])
+    scheduler.load_state_dict(state['scheduler'])
+    torch.set_rng_state(state['rng'].cpu())
+    if state.get('cuda_rng') is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda_rng']])
+    local_bound.load_global_vectors(model, state.get('global_vectors', {}))
+    store_path = args.prefix + '_store.pth'
+    if os.path.isfile(store_path) and not runtime.distributed:
+        for store, saved in zip(stores, load_state(store_path)):
+            if store is not None and saved is not None:
+                store.load_state_dict(saved)
+        logger.info(f'restored singular-vector stores from {store_path}')
+    else:
+        logger.info('singular-vector stores start afresh (no --save_store file)')
+    logger.info(f"resumed from {path}: epoch {state['epoch']} done, best error {state['best_err']:.4f}")
+    return state['epoch'] + 1, state['best_err']
+
+
+def train(args, runtime, logger, train_set=None, test_set=None):
+    """Run SPEC section 4 end to end; returns the final report (a dict) on every rank."""
+    torch.manual_seed(args.seed)
+    train_loader, test_loader, owned_train, owned_test = build_loaders(args, runtime, train_set, test_set)
+    model = utils.select_model(args.data, args.model, args.init, runtime.device)
+    net = local_bound.BoundedModel(model)
+    if runtime.distributed:
+        net = DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.device.type == 'cuda' else None)
+    optimizer = utils.make_optimizer(args, model)
+    scheduler = utils.make_scheduler(args, optimizer)
+    stores = (make_store(model, args, runtime, len(train_loader.dataset), owned_train, args.seed + 1),
+              make_store(model, args, runtime, len(test_loader.dataset), owned_test, args.seed + 2))
+    _log_start(args, runtime, logger, model, stores)
+    start, best_err = 0, math.inf
+    if args.resume:
+        start, best_err = _resume(model, optimizer, scheduler, stores, args, runtime, logger)
+    for epoch in range(start, args.epochs):
+        if isinstance(train_loader.sampler, ShardSampler):
+            train_loader.sampler.set_epoch(epoch)
+        best_err = _run_epoch(net, model, train_loader, test_loader, optimizer, scheduler, stores,
+                              args, runtime, logger, epoch, best_err)
+    return final_report(args, runtime, logger, test_loader, stores[1])
+
+
+def _run_epoch(net, model, train_loader, test_loader, optimizer, scheduler, stores, args, runtime,
+               logger, epoch, best_err):
+    eps, kappa = utils.epoch_schedule(args, epoch)
+    eps_next = utils.epoch_schedule(args, epoch + 1)[0]
+    lr = optimizer.param_groups[0]['lr']
+    start = time.time()
+    if epoch < args.warmup:
+        stats = train_clean_epoch(net, train_loader, optimizer, args, runtime, epoch, logger)
+        test_err, _ = evaluate_clean(model, test_loader, runtime)
+        cert_err = 1.0
+        line = f'clean test err {test_err:.4f}'
+    else:
+        stats = train_robust_epoch(net, train_loader, optimizer, args, runtime, epoch, eps, kappa,
+                                   stores[0], logger)
+        test_err, cert_err, _, _ = evaluate_certified(model, test_loader, args, runtime, eps_next, stores[1])
+        line = (f'robust loss {stats.robust_loss:.4f} robust err {stats.robust_error:.4f} | '
+                f'test err {test_err:.4f} certified err {cert_err:.4f} @ eps {eps_next:.4f}')
+    scheduler.step()
+    logger.info(f'epoch {epoch:4d} | eps {eps:.4f} kappa {kappa:.3f} lr {lr:.2e} | loss {stats.loss:.4f} '
+                f'err {stats.error:.4f} | {line} | {time.time() - start:.1f}s')
+    if runtime.is_main and args.save:
+        best_err = _save_epoch(model, optimizer, scheduler, stores, epoch, cert_err, best_err, args, logger)
+    if runtime.distributed:
+        dist.barrier()
+    return best_err
+
+
+def _log_start(args, runtime, logger, model, stores):
+    params = sum(p.numel() for p in model.parameters())
+    logger.info(f'{args.model} on {args.data}: {params:,} parameters, device {runtime.device}, '
+                f'{runtime.world_size} process(es), bound {args.bound}')
+    for name, store in zip(('train', 'test'), stores):
+        if store is not None:
+            logger.info(f'{name} singular-vector store on rank {runtime.rank}: {store.num_owned:,} examples, '
+                        f'{store.nbytes / 2**20:.1f} MiB on {store.device} ({str(store.dtype).split(".")[-1]}), '
+                        f'layers {sorted(store.shapes)}')
+
+
+def final_report(args, runtime, logger, test_loader, test_store):
+    """Load the best model; clean, PGD and certified error at ``--epsilon``."""
+    path = args.prefix + '_best.pth'
+    if not args.save:
+        logger.info('--no_save: no best model to evaluate')
+        return {}
+    if runtime.distributed:
+        dist.barrier()
+    model, state = load_model(path, args.data, args.model, args.init, runtime.device)
+    logger.info(f"best model: epoch {state['epoch']}, certified error {state['err']:.4f} during training")
+    report = evaluate_all(model, test_loader, args, runtime, logger, store=test_store)
+    report['best_epoch'] = state['epoch']
+    return report
+
+
+def evaluate_all(model, loader, args, runtime, logger, store=None):
+    """Clean, PGD and certified error at ``--epsilon``, logged and returned."""
+    clean_err, cert_err, _, total = evaluate_certified(model, loader, args, runtime, args.epsilon, store)
+    pgd_err = evaluate_pgd(model, loader, args, runtime)
+    logger.info(f'{total} test examples at eps {args.epsilon:.4f}: clean error {clean_err:.4f} '
+                f'(acc {1 - clean_err:.4f}) | PGD error {pgd_err:.4f} (acc {1 - pgd_err:.4f}) | '
+                f'certified error {cert_err:.4f} (acc {1 - cert_err:.4f})')
+    return {'clean_err': clean_err, 'pgd_err': pgd_err, 'certified_err': cert_err, 'examples': total}
+
+
+# ----------------------------------------------------------------------------- entry point
+
+USER_ERRORS = (data_load.DataNotFoundError, CheckpointError)
+
+
+def main(parse, train_set=None, test_set=None):
+    """Parse flags, train, report; user errors end with one line on stderr (exit 2)."""
+    args = parse()
+    runtime = init_runtime(args.device)
+    log_path = args.prefix + '_train.log' if runtime.is_main and args.save else None
+    logger = utils.get_logger(log_path, quiet=not runtime.is_main)
+    try:
+        if runtime.is_main and args.save:
+            os.makedirs(os.path.dirname(args.prefix) or '.', exist_ok=True)
+            utils.dump_args(args, args.prefix + '_args.json')
+            logger.info(f'writing {args.prefix}_{{train.log,checkpoint.pth,best.pth}}')
+        return train(args, runtime, logger, train_set, test_set)
+    except USER_ERRORS as error:
+        print(f'error: {error}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        logger.info(f'interrupted; finished epochs are in {args.prefix}_checkpoint.pth, rerun with --resume')
+        sys.exit(130)
+    finally:
+        close_runtime(runtime)
