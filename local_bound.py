@@ -298,8 +298,9 @@ def affine_input_shapes(model, input_shape):
 class SingularVectorStore:
     """Per-example start vectors of the masked power iteration (warm starts across epochs).
 
-    One tensor per stored layer, shape ``[n, *layer_input_shape]``, random normal at creation, on
-    ``device`` in ``dtype``. ``owned`` (a LongTensor of dataset indices) makes the store hold only
+    One tensor per stored layer, shape ``[n, *layer_input_shape]``, random normal at creation (an
+    example's rows depend only on ``seed`` and its index, see ``example_normals``), on ``device``
+    in ``dtype``. ``owned`` (a LongTensor of dataset indices) makes the store hold only
     those examples (a distributed rank's share); ``gather``/``scatter`` always take dataset indices.
     """
 
@@ -323,9 +324,8 @@ class SingularVectorStore:
             self.position = self.position.to(self.device)
             count = len(owned)
         self.num_owned = count
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.vectors = {i: _random_normal((count, *shape), dtype, self.device, pin_memory, generator)
-                        for i, shape in shapes.items()}
+        rows = owned if owned is not None else torch.arange(num_examples)
+        self.vectors = _store_tensors(shapes, rows, seed, dtype, self.device, pin_memory)
 
     def __contains__(self, layer_index):
         return layer_index in self.vectors
@@ -364,12 +364,35 @@ class SingularVectorStore:
             self.vectors[i].copy_(v)
 
 
-def _random_normal(shape, dtype, device, pin_memory, generator, chunk=4096):
-    """N(0,1) tensor filled in chunks (no full-size fp32 temporary for half-precision stores)."""
-    out = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin_memory and device.type == 'cpu')
-    for start in range(0, shape[0], chunk):
-        block = torch.randn((min(chunk, shape[0] - start), *shape[1:]), generator=generator)
-        out[start:start + block.size(0)] = block.to(device=device, dtype=dtype)
+def example_normals(shapes, index, seed):
+    """{layer: N(0,1) rows [len(index), *shape]} where example i's rows depend on (seed, i) alone.
+
+    An example therefore starts from the same vectors whichever rank, shard or batch holds it.
+    """
+    sizes = [math.prod(shape) for shape in shapes.values()]
+    flat = torch.empty(len(index), sum(sizes))
+    generator = torch.Generator()
+    for row, i in zip(flat, torch.as_tensor(index).tolist()):
+        generator.manual_seed((seed % 2**32) * 2**32 + i)
+        row.normal_(generator=generator)
+    return {layer: part.reshape(-1, *shape)
+            for (layer, shape), part in zip(shapes.items(), flat.split(sizes, dim=1))}
+
+
+def _store_tensors(shapes, rows, seed, dtype, device, pin_memory):
+    """Store tensors for the examples ``rows`` (``seed`` None: drawn from the global RNG).
+
+    Filled by ``example_normals`` in chunks of about 2**26 numbers, so a half-precision store
+    needs no full-size fp32 temporary.
+    """
+    seed = int(torch.randint(2**31, ())) if seed is None else seed
+    pin = pin_memory and device.type == 'cpu'
+    out = {i: torch.empty((len(rows), *shape), dtype=dtype, device=device, pin_memory=pin)
+           for i, shape in shapes.items()}
+    chunk = max(1, 2**26 // max(1, sum(math.prod(shape) for shape in shapes.values())))
+    for start in range(0, len(rows), chunk):
+        for i, block in example_normals(shapes, rows[start:start + chunk], seed).items():
+            out[i][start:start + len(block)] = block.to(device=device, dtype=dtype)
     return out
 
 
