@@ -5,7 +5,7 @@
 """
 import sys
 
-from torch.utils.data import Subset
+import torch
 
 import data_load
 import trainer
@@ -14,7 +14,6 @@ import utils
 
 def extra_flags(parser):
     parser.add_argument('--no_pgd', action='store_true', help='skip the PGD attack')
-    parser.add_argument('--limit', type=int, default=None, help='evaluate only the first N test examples')
 
 
 def checkpoint_path(saved_model):
@@ -22,8 +21,18 @@ def checkpoint_path(saved_model):
     return saved_model if saved_model.endswith('.pth') else saved_model + '_best.pth'
 
 
-def main(argv=None):
-    args = utils.argparser(data='cifar10', model='c6f2_relux', argv=argv, extra=extra_flags)
+def parse_args(argv=None, extra=None, **defaults):
+    """The flags of utils.argparser plus this script's; ``extra``/``defaults`` as there."""
+    def flags(parser):
+        extra_flags(parser)
+        if extra is not None:
+            extra(parser)
+    return utils.argparser(argv=argv, extra=flags, **{'data': 'cifar10', 'model': 'c6f2_relux', **defaults})
+
+
+def main(argv=None, parse=parse_args):
+    """Evaluate ``--saved_model`` with the flags ``parse(argv)`` returns (one process or torchrun)."""
+    args = parse(argv)
     if args.saved_model is None:
         sys.exit('error: --saved_model is required (the prefix of <prefix>_best.pth)')
     runtime = trainer.init_runtime(args.device)
@@ -35,15 +44,15 @@ def main(argv=None):
                     + (f", saved at epoch {state['epoch']}" if 'epoch' in state else ''))
         _, test_set = data_load.build_datasets(args.data, args.data_dir, augmentation=False,
                                                normalization=args.normalization)
-        if args.limit is not None:
-            test_set = Subset(test_set, range(min(args.limit, len(test_set))))
-        loader = trainer.test_loader_for(test_set, args, runtime)
+        loader = trainer.test_loader_for(trainer.limited(test_set, args.limit_test), args, runtime)
+        torch.manual_seed(args.seed)
+        starts = trainer.evaluation_starts(model, args)
         if args.no_pgd:
-            clean, cert, _, total = trainer.evaluate_certified(model, loader, args, runtime, args.epsilon)
+            clean, cert, _, total = trainer.evaluate_certified(model, loader, args, runtime, args.epsilon, starts)
             logger.info(f'{total} test examples at eps {args.epsilon:.4f}: clean error {clean:.4f} | '
                         f'certified error {cert:.4f} (acc {1 - cert:.4f})')
             return {'clean_err': clean, 'certified_err': cert, 'examples': total}
-        return trainer.evaluate_all(model, loader, args, runtime, logger)
+        return trainer.evaluate_all(model, loader, args, runtime, logger, store=starts)
     except trainer.USER_ERRORS as error:
         sys.exit(f'error: {error}')
     finally:

@@ -3,6 +3,7 @@
 One process or many (``torchrun``): rank 0 alone writes logs and checkpoints, metrics are summed
 over ranks, every rank keeps the per-example singular vectors of its own share of the data.
 """
+import functools
 import math
 import os
 import sys
@@ -67,15 +68,14 @@ def close_runtime(runtime):
 class ShardSampler(torch.utils.data.Sampler):
     """Every epoch gives this rank the same fixed share of the data set, in a new order.
 
-    The shares are disjoint slices of one seeded permutation, all of the same length
-    ``len // world_size`` (at most ``world_size - 1`` examples are left out of training), so a
-    rank's per-example store only holds its own share.
+    The examples are dealt round-robin: rank r owns r, r + N, r + 2N, ... among the first
+    ``N * (len // N)`` (at most N - 1 examples are left out of training), so every rank runs the
+    same number of steps and a rank's per-example store only holds its own share. Without
+    shuffling, step k of N ranks sees exactly batch k of one process with an N times larger batch.
     """
 
     def __init__(self, size, rank, world_size, *, shuffle=True, seed=0):
-        per_rank = size // world_size
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
-        self.indices = order[rank * per_rank:(rank + 1) * per_rank].sort().values
+        self.indices = torch.arange(rank, world_size * (size // world_size), world_size)
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
 
     def set_epoch(self, epoch):
@@ -107,6 +107,7 @@ def build_loaders(args, runtime, train_set=None, test_set=None):
         train_set, test_set = data_load.build_datasets(
             args.data, args.data_dir, augmentation=args.augmentation,
             normalization=args.normalization)
+    train_set, test_set = limited(train_set, args.limit_train), limited(test_set, args.limit_test)
     shard = ShardSampler(len(train_set), runtime.rank, runtime.world_size,
                          shuffle=args.shuffle, seed=args.seed)
     train_sampler = shard if runtime.distributed else None
@@ -119,6 +120,13 @@ def build_loaders(args, runtime, train_set=None, test_set=None):
         test_sampler=test_sampler)
     owned_train = shard.indices if runtime.distributed else None
     return train_loader, test_loader, owned_train, owned_test if runtime.distributed else None
+
+
+def limited(dataset, limit):
+    """The first ``limit`` examples of ``dataset`` (all of them when limit is None)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return torch.utils.data.Subset(dataset, range(limit))
 
 
 def test_loader_for(test_set, args, runtime):
@@ -208,22 +216,26 @@ def bound_options(args, training):
     return dict(sniter=args.sniter if training else args.test_sniter,
                 opt_iter=args.opt_iter if training else args.test_opt_iter,
                 gloro=args.gloro, bound=args.bound, translation=getattr(args, 'translation', 'label'),
-                sp_thres=getattr(args, 'sp_thres', None) if getattr(args, 'sparse', 0) else None)
+                sp_thres=getattr(args, 'sp_thres', None) if getattr(args, 'sparse', 0) else None,
+                power_grad=getattr(args, 'power_grad', 'unrolled'))
 
 
 def train_clean_epoch(net, loader, optimizer, args, runtime, epoch, logger):
-    """Warm-up epoch: plain cross-entropy (autocast when ``--amp``)."""
+    """Warm-up epoch: plain cross-entropy (autocast, with loss scaling for fp16, when ``--amp``)."""
     net.train()
     sums, count = [0.0] * 5, 0
-    autocast = torch.autocast(runtime.device.type, dtype=_amp_dtype(runtime), enabled=getattr(args, 'amp', False))
+    amp = getattr(args, 'amp', False)
+    autocast = torch.autocast(runtime.device.type, dtype=_amp_dtype(runtime), enabled=amp)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=amp and _amp_dtype(runtime) == torch.float16)
     for i, (x, y, _) in enumerate(_progress(loader, runtime, f'epoch {epoch} (clean)')):
         x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
         with autocast:
             logits = net(x)
             loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         utils.clamp_thresholds(_plain(net))
         wrong = (logits.argmax(1) != y).sum().item()
         sums[0] += loss.item() * len(y)
@@ -241,7 +253,6 @@ def train_robust_epoch(net, loader, optimizer, args, runtime, epoch, eps, kappa,
     """Robust epoch: kappa CE(z) + (1-kappa) CE(worst-case z) with per-batch eps/kappa increments."""
     net.train()
     options = bound_options(args, training=True)
-    sparse_weight = getattr(args, 'sparse', 0.0)
     sums, count = [0.0] * 5, 0
     for i, (x, y, index) in enumerate(_progress(loader, runtime, f'epoch {epoch}')):
         eps_i, kappa_i = utils.batch_schedule(args, eps, kappa, i, len(loader))
@@ -249,10 +260,7 @@ def train_robust_epoch(net, loader, optimizer, args, runtime, epoch, eps, kappa,
         logits, worst, _, sparsity = net(x, y, eps_i, store=store, index=index, **options)
         ce = F.cross_entropy(logits, y)
         robust = F.cross_entropy(worst, y)
-        if args.gloro:
-            loss = robust
-        else:
-            loss = kappa_i * ce + (1 - kappa_i) * (robust + sparse_weight * sparsity)
+        loss = robust_objective(ce, robust, sparsity, kappa_i, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -265,6 +273,13 @@ def train_robust_epoch(net, loader, optimizer, args, runtime, epoch, eps, kappa,
         count += n
         _log_batch(logger, args, epoch, i, len(loader), ce.item(), wrong / n, robust.item(), robust_wrong / n, eps_i)
     return _summed(runtime, sums, count)
+
+
+def robust_objective(ce, robust, sparsity, kappa, args):
+    """kappa CE(z) + (1-kappa) (CE(z~) + sparse S) (SPEC section 4); with --gloro CE([z, bottom]) alone."""
+    if args.gloro:
+        return robust
+    return kappa * ce + (1 - kappa) * (robust + getattr(args, 'sparse', 0.0) * sparsity)
 
 
 def _log_batch(logger, args, epoch, i, n, loss, err, robust_loss=None, robust_err=None, eps=None):
@@ -359,6 +374,36 @@ def make_store(model, args, runtime, size, owned, seed):
                                            dtype=dtype, pin_memory=pin, owned=owned, seed=seed)
 
 
+class SeededStarts:
+    """A store that keeps nothing: every batch draws its start vectors from (seed, example index).
+
+    For evaluation without a store: the figures do not depend on how examples are split into
+    ranks and batches. ``layers`` as for SingularVectorStore (None: every layer).
+    """
+
+    def __init__(self, model, input_shape, seed, layers=None):
+        shapes = local_bound.affine_input_shapes(model, input_shape)
+        self.shapes = {i: s for i, s in shapes.items() if layers is None or i in layers}
+        self.seed = seed
+
+    def __contains__(self, layer_index):
+        return layer_index in self.shapes
+
+    def gather(self, index, device, dtype=torch.float32):
+        return {i: u.to(device=device, dtype=dtype)
+                for i, u in local_bound.example_normals(self.shapes, index, self.seed).items()}
+
+    def scatter(self, index, vectors):
+        """Nothing to keep."""
+
+
+def evaluation_starts(model, args):
+    """SeededStarts for ``args`` (None with ``--bound global``, which needs no start vectors)."""
+    if args.bound == 'global':
+        return None
+    return SeededStarts(model, data_load.input_shape(args.data), args.seed, getattr(args, 'indices', None))
+
+
 # ----------------------------------------------------------------------------- the run
 
 def _checkpoint(model, optimizer, scheduler, epoch, err, best_err, args):
@@ -421,6 +466,9 @@ def train(args, runtime, logger, train_set=None, test_set=None):
     stores = (make_store(model, args, runtime, len(train_loader.dataset), owned_train, args.seed + 1),
               make_store(model, args, runtime, len(test_loader.dataset), owned_test, args.seed + 2))
     _log_start(args, runtime, logger, model, stores)
+    if args.save_store and runtime.distributed:
+        logger.info('--save_store is off with several processes: each rank holds only its own share')
+        args.save_store = False
     start, best_err = 0, math.inf
     if args.resume:
         start, best_err = _resume(model, optimizer, scheduler, stores, args, runtime, logger)
@@ -449,6 +497,8 @@ def _run_epoch(net, model, train_loader, test_loader, optimizer, scheduler, stor
         test_err, cert_err, _, _ = evaluate_certified(model, test_loader, args, runtime, eps_next, stores[1])
         line = (f'robust loss {stats.robust_loss:.4f} robust err {stats.robust_error:.4f} | '
                 f'test err {test_err:.4f} certified err {cert_err:.4f} @ eps {eps_next:.4f}')
+        if getattr(args, 'sparse', 0.0):
+            line = f'sparsity {stats.sparse_loss:.4f} | {line}'
     scheduler.step()
     logger.info(f'epoch {epoch:4d} | eps {eps:.4f} kappa {kappa:.3f} lr {lr:.2e} | loss {stats.loss:.4f} '
                 f'err {stats.error:.4f} | {line} | {time.time() - start:.1f}s')
@@ -463,11 +513,13 @@ def _log_start(args, runtime, logger, model, stores):
     params = sum(p.numel() for p in model.parameters())
     logger.info(f'{args.model} on {args.data}: {params:,} parameters, device {runtime.device}, '
                 f'{runtime.world_size} process(es), bound {args.bound}')
+    # Every rank reports its own share (the others' loggers are quiet): memory falls as 1/N.
+    report = logger.info if runtime.is_main else functools.partial(print, flush=True)
     for name, store in zip(('train', 'test'), stores):
         if store is not None:
-            logger.info(f'{name} singular-vector store on rank {runtime.rank}: {store.num_owned:,} examples, '
-                        f'{store.nbytes / 2**20:.1f} MiB on {store.device} ({str(store.dtype).split(".")[-1]}), '
-                        f'layers {sorted(store.shapes)}')
+            report(f'{name} singular-vector store on rank {runtime.rank}: {store.num_owned:,} examples, '
+                   f'{store.nbytes / 2**20:.1f} MiB on {store.device} ({str(store.dtype).split(".")[-1]}), '
+                   f'layers {sorted(store.shapes)}')
 
 
 def final_report(args, runtime, logger, test_loader, test_store):

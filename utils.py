@@ -236,6 +236,8 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
     g.add_argument('--drop_last', action='store_true')
     g.add_argument('--no_shuffle', action='store_true')
     g.add_argument('--workers', type=int, default=2, help='DataLoader worker processes')
+    g.add_argument('--limit_train', type=int, default=None, help='use only the first N training examples')
+    g.add_argument('--limit_test', type=int, default=None, help='use only the first N test examples')
     g = p.add_argument_group('performance')
     g.add_argument('--store_device', choices=['auto', 'cpu', 'cuda'], default='auto',
                    help='where the per-example singular vectors live: auto = the compute device when '
@@ -243,6 +245,10 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
     g.add_argument('--store_dtype', choices=['float32', 'float16', 'bfloat16'], default='float32')
     g.add_argument('--amp', action='store_true',
                    help='mixed precision for the plain warm-up epochs (never for certification)')
+    g.add_argument('--power_grad', choices=['unrolled', 'final'], default='unrolled',
+                   help='training gradient of the power iterations: unrolled = through every iteration '
+                        '(SPEC); final = iterate without autograd, differentiate <v, D W D u> with u, v '
+                        'fixed (same values, same gradient at convergence, much cheaper)')
     g = p.add_argument_group('run')
     g.add_argument('--prefix', default=None, help='files are written to pretrained/<prefix>_<model>_*')
     g.add_argument('--saved_model', default=None, help='checkpoint prefix (loads <saved_model>_best.pth)')
@@ -268,6 +274,9 @@ def finish_args(parser, args, end_lr_default=None):
     for name in ('epochs', 'batch_size', 'test_batch_size', 'sniter', 'opt_iter', 'test_sniter',
                  'test_opt_iter', 'niter', 'restarts'):
         if getattr(args, name) < 1:
+            parser.error(f'--{name} must be at least 1')
+    for name in ('limit_train', 'limit_test'):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f'--{name} must be at least 1')
     for name in ('warmup', 'rampup', 'more', 'workers'):
         if getattr(args, name) < 0:

@@ -1,0 +1,238 @@
+"""Flags, schedules, checkpoints, --resume and the end-to-end MNIST run (training raises certified accuracy)."""
+import functools
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Subset, TensorDataset
+
+import data_load
+import evaluate
+import local_bound
+import trainer
+import utils
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST_MINI = ROOT.parent / 'shared' / 'data' / 'mnist-mini'
+needs_mnist = pytest.mark.skipif(not (MNIST_MINI / 'MNIST' / 'raw').is_dir(),
+                                 reason=f'real MNIST digits not found at {MNIST_MINI}')
+
+
+def mnist_parse(argv, **defaults):
+    base = dict(data='mnist', model='relux', epochs=300, warmup=0, rampup=150, epsilon=1.58,
+                epsilon_train=1.58)
+    base.update(defaults)
+    return functools.partial(utils.argparser, argv=argv, **base)
+
+
+# ----------------------------------------------------------------------------- flags and schedules
+
+def test_cifar_defaults_are_the_authors():
+    args = utils.argparser(data='cifar10', model='c6f2_relux', argv=[])
+    assert (args.epochs, args.warmup, args.rampup, args.batch_size) == (800, 20, 400, 256)
+    assert args.epsilon == pytest.approx(36 / 255) and args.epsilon_train == pytest.approx(0.1551)
+    assert (args.lr, args.end_lr, args.more, args.seed) == (1e-3, 5e-6, 25, 2019)
+    assert (args.sniter, args.opt_iter, args.test_sniter, args.test_opt_iter, args.niter) == (1, 1, 100, 1000, 100)
+    assert args.alpha == pytest.approx(args.epsilon / 4)
+    assert args.augmentation and not args.normalization and args.init == 1.0 and args.bound == 'local'
+    assert args.prefix == os.path.join('pretrained', 'temporary_c6f2_relux')
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--model', 'nope'], 'does not exist'),
+    (['--epochs', '10'], 'must be below --epochs'),
+    (['--sniter', '0'], '--sniter must be at least 1'),
+    (['--lr_scheduler', 'multistep'], 'needs --wd_list'),
+])
+def test_bad_flags_end_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        utils.argparser(data='cifar10', model='c6f2_relux', argv=argv)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eps_and_kappa_schedules():
+    args = utils.argparser(data='cifar10', argv=['--epochs', '30', '--warmup', '2', '--rampup', '5',
+                                                   '--epsilon_train', '0.2'])
+    assert utils.epoch_schedule(args, 0) == (0.0, 1.0)
+    ramp = [0.0, 0.05, 0.1, 0.15, 0.2]
+    kappas = [1.0, 0.75, 0.5, 0.25, 0.0]
+    for t in range(5):
+        eps, kappa = utils.epoch_schedule(args, 2 + t)
+        assert eps == pytest.approx(ramp[t]) and kappa == pytest.approx(kappas[t])
+    assert utils.epoch_schedule(args, 20) == (0.2, 0.0)
+    # the authors' per-batch increment uses --epsilon (36/255), not --epsilon_train, and keeps going
+    eps, kappa = utils.batch_schedule(args, 0.2, 0.0, 3, 4)
+    assert eps == pytest.approx(0.2 + 0.75 * (36 / 255) / 5)
+    assert kappa == pytest.approx(0.0 - 0.75 * 1.0 / 5)
+
+
+def test_exponential_lr_schedule():
+    assert utils.lr_exp(1e-3, 1e-6, 424, 800, 25) == 1.0
+    assert utils.lr_exp(1e-3, 1e-6, 425, 800, 25) == pytest.approx(1e-3 ** (1 / 375))
+    assert utils.lr_exp(1e-3, 1e-6, 799, 800, 25) == pytest.approx(1e-3 ** (375 / 375))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def spec_keys(model_name):
+    """Parameter names and shapes of SPEC section 1, written out independently of utils."""
+    if model_name == 'c6f2_relux':
+        convs = [(0, 32, 3, 3), (2, 32, 32, 3), (4, 32, 32, 4), (6, 64, 32, 3), (8, 64, 64, 3), (10, 64, 64, 4)]
+        sizes = [32, 32, 16, 16, 16, 8]
+        keys = {}
+        for (i, out, inp, k), size in zip(convs, sizes):
+            keys[f'{i}.weight'], keys[f'{i}.bias'] = (out, inp, k, k), (out,)
+            keys[f'{i + 1}.threshold'] = (1, out, size, size)
+        keys.update({'13.weight': (512, 4096), '13.bias': (512,), '14.threshold': (1, 512),
+                     '15.weight': (10, 512), '15.bias': (10,)})
+        return keys
+    if model_name == 'c6f2_clmaxmin':
+        keys = {k: v for k, v in spec_keys('c6f2_relux').items() if 'threshold' not in k}
+        for i, (c, size) in zip(range(1, 12, 2), [(32, 32), (32, 32), (32, 16), (64, 16), (64, 16), (64, 8)]):
+            keys[f'{i}.max'] = keys[f'{i}.min'] = (1, c // 2, size, size)
+        keys['14.max'] = keys['14.min'] = (1, 256)
+        return keys
+    raise KeyError(model_name)
+
+
+@pytest.mark.parametrize('name', ['c6f2_relux', 'c6f2_clmaxmin'])
+def test_authors_state_dict_loads(name, tmp_path):
+    keys = spec_keys(name)
+    model = utils.select_model('cifar10', name)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == keys
+    authors = {f'module.{k}': torch.randn(shape) for k, shape in keys.items()}
+    path = tmp_path / 'cifar_6C2F_best.pth'
+    torch.save({'state_dict': authors, 'err': 0.5, 'epoch': 3}, path)
+    loaded, state = trainer.load_model(str(path), 'cifar10', name)
+    assert state['epoch'] == 3
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, authors[f'module.{k}'])
+
+
+def test_wrong_architecture_and_missing_file_are_clear_errors(tmp_path):
+    path = tmp_path / 'm_best.pth'
+    torch.save({'state_dict': utils.select_model('cifar10', 'c6f2_relux').state_dict()}, path)
+    with pytest.raises(trainer.CheckpointError, match='does not fit --model relux'):
+        trainer.load_model(str(path), 'cifar10', 'relux')
+    with pytest.raises(trainer.CheckpointError, match='not found'):
+        trainer.load_model(str(tmp_path / 'absent.pth'), 'cifar10', 'relux')
+
+
+def fake_digits(n, seed):
+    """Two linearly separable 'digit' classes drawn as bright left/right halves (28x28)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = 0.2 * torch.rand(n, 1, 28, 28, generator=g)
+    x[y == 0, :, :, :14] += 0.6
+    x[y == 1, :, :, 14:] += 0.6
+    return TensorDataset(x.clamp(0, 1), y)
+
+
+def small_run(tmp_path, monkeypatch, extra=()):
+    monkeypatch.chdir(tmp_path)
+    argv = ['--epochs', '4', '--rampup', '2', '--batch_size', '16', '--test_batch_size', '32',
+            '--sniter', '2', '--test_sniter', '3', '--test_opt_iter', '3', '--niter', '2',
+            '--workers', '0', '--prefix', 'run', '--verbose', '0', '--epsilon', '0.3',
+            '--epsilon_train', '0.3', '--more', '1', *extra]
+    return trainer.main(mnist_parse(argv), fake_digits(48, 0), fake_digits(20, 1))
+
+
+def test_checkpoints_are_written_in_the_authors_format(tmp_path, monkeypatch):
+    report = small_run(tmp_path, monkeypatch)
+    best = torch.load(tmp_path / 'pretrained' / 'run_relux_best.pth', weights_only=False)
+    assert set(best) == {'state_dict', 'err', 'epoch'} and best['epoch'] >= 2
+    last = torch.load(tmp_path / 'pretrained' / 'run_relux_checkpoint.pth', weights_only=False)
+    assert {'state_dict', 'err', 'epoch', 'optimizer', 'scheduler'} <= set(last) and last['epoch'] == 3
+    model = utils.select_model('mnist', 'relux')
+    model.load_state_dict(best['state_dict'])
+    assert report['examples'] == 20 and 0 <= report['certified_err'] <= 1
+    assert not list((tmp_path / 'pretrained').glob('*.tmp*'))
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight = tmp_path / 'straight'
+    straight.mkdir()
+    small_run(straight, monkeypatch, ['--save_store'])
+    reference = torch.load(straight / 'pretrained' / 'run_relux_checkpoint.pth', weights_only=False)
+
+    crashed = tmp_path / 'crashed'
+    crashed.mkdir()
+    calls = {'epochs': 0}
+    original = trainer.train_robust_epoch
+
+    def crash_in_third_epoch(*args, **kwargs):
+        calls['epochs'] += 1
+        if calls['epochs'] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, 'train_robust_epoch', crash_in_third_epoch)
+    with pytest.raises(SystemExit) as stop:
+        small_run(crashed, monkeypatch, ['--save_store'])
+    assert stop.value.code == 130
+    assert torch.load(crashed / 'pretrained' / 'run_relux_checkpoint.pth', weights_only=False)['epoch'] == 1
+    monkeypatch.setattr(trainer, 'train_robust_epoch', original)
+    small_run(crashed, monkeypatch, ['--save_store', '--resume'])
+    resumed = torch.load(crashed / 'pretrained' / 'run_relux_checkpoint.pth', weights_only=False)
+    assert resumed['epoch'] == reference['epoch'] == 3
+    for key, value in reference['state_dict'].items():
+        torch.testing.assert_close(resumed['state_dict'][key], value, rtol=0, atol=1e-6, msg=key)
+    assert resumed['best_err'] == reference['best_err']
+    assert resumed['scheduler'] == reference['scheduler']
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as stop:
+        small_run(tmp_path, monkeypatch, ['--resume'])
+    assert stop.value.code == 2
+    assert 'checkpoint not found' in capsys.readouterr().err
+
+
+def test_missing_data_is_one_line_without_traceback(tmp_path):
+    empty = tmp_path / 'nodata'
+    empty.mkdir()
+    done = subprocess.run([sys.executable, str(ROOT / 'train_cifar10.py'), '--data_dir', str(empty),
+                           '--device', 'cpu', '--no_save'], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, 'no_proxy': '*'}, timeout=300)
+    assert done.returncode == 2
+    assert 'Traceback' not in done.stderr
+    assert 'CIFAR-10' in done.stderr and str(empty) in done.stderr
+
+
+# ----------------------------------------------------------------------------- end to end on real digits
+
+@needs_mnist
+def test_training_on_real_mnist_raises_certified_accuracy(tmp_path, monkeypatch):
+    """A few epochs on 1,500 real digits must certify far more test digits at eps=1.58 than chance.
+
+    An untrained network certifies none at this radius (checked below); the floor of 20% certified
+    accuracy on 300 test digits is about half of what this short run reaches on this machine, so it
+    only fails when training or certification is broken, not on noise.
+    """
+    train_set, test_set = data_load.build_datasets('mnist', str(MNIST_MINI), download=False)
+    train_set, test_set = Subset(train_set, range(1500)), Subset(test_set, range(300))
+    untrained = utils.select_model('mnist', 'relux')
+    x = torch.stack([test_set[i][0] for i in range(300)])
+    y = torch.tensor([test_set[i][1] for i in range(300)])
+    before = local_bound.certify(untrained, x, y, 1.58, sniter=20, opt_iter=20).float().mean().item()
+    assert before == 0.0
+    monkeypatch.chdir(tmp_path)
+    argv = ['--epochs', '5', '--rampup', '3', '--gloro', '--sniter', '2', '--opt_iter', '2',
+            '--epsilon_train', '1.75', '--batch_size', '64', '--test_sniter', '20', '--test_opt_iter', '20',
+            '--niter', '10', '--workers', '0', '--prefix', 'e2e', '--verbose', '0']
+    report = trainer.main(mnist_parse(argv), train_set, test_set)
+    assert 1 - report['certified_err'] >= 0.20, report
+    assert report['pgd_err'] <= report['certified_err'] + 1e-9, report
+    assert report['clean_err'] <= report['pgd_err'] + 1e-9, report
+    # the saved model certifies the same way through evaluate.py
+    result = evaluate.main(['--data', 'mnist', '--model', 'relux', '--saved_model', 'pretrained/e2e_relux',
+                            '--data_dir', str(MNIST_MINI), '--epsilon', '1.58', '--test_sniter', '200',
+                            '--test_opt_iter', '200', '--limit_test', '300', '--no_pgd', '--workers', '0',
+                            '--device', 'cpu'])
+    assert abs(result['certified_err'] - report['certified_err']) <= 0.02
