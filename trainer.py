@@ -75,7 +75,7 @@ class ShardSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, size, rank, world_size, *, shuffle=True, seed=0):
-        self.indices = torch.arange(rank, world_size * (size // world_size), world_size)
+        self.indices = torch.arange(world_size * (size // world_size))[rank::world_size]
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
 
     def set_epoch(self, epoch):
@@ -93,7 +93,7 @@ class ShardSampler(torch.utils.data.Sampler):
 
 def eval_indices(size, runtime):
     """Test examples of this rank: every example once over all ranks, none padded."""
-    return torch.arange(runtime.rank, size, runtime.world_size)
+    return torch.arange(size)[runtime.rank::runtime.world_size]
 
 
 # ----------------------------------------------------------------------------- data

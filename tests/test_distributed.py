@@ -1,0 +1,290 @@
+"""torch.distributed training and evaluation on CPU (gloo): 2 processes launched by torchrun.
+
+The 2-process runs go through the real command lines (train_mnist.py, evaluate.py) on a small
+synthetic MNIST folder; a launcher records, per rank, the files the process opened for writing
+and its final parameters. About a minute on 2 cores.
+"""
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import local_bound
+import trainer
+import utils
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
+TIMEOUT = 600
+
+# Runs a script as __main__ after recording, for this rank, every file opened for writing (or
+# renamed, or created as a folder) under WATCHED and, at exit, the parameters of the model the
+# script trained (the one handed to the optimiser).
+LAUNCHER = textwrap.dedent('''
+    import atexit, os, runpy, sys
+    import torch
+    audit, watched, script, *argv = sys.argv[1:]
+    rank = os.environ.get('RANK', '0')
+    writes, models = [], []
+
+    def hook(event, args):
+        if event in ('open', 'os.rename', 'os.mkdir') and isinstance(args[0], str):
+            paths = args[:2] if event == 'os.rename' else args[:1]
+            writing = event != 'open' or args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND)
+            writes.extend(p for p in map(os.path.abspath, paths) if writing and p.startswith(watched + os.sep))
+
+    def report():
+        with open(os.path.join(audit, f'writes_rank{rank}.txt'), 'w') as f:
+            f.write('\\n'.join(writes))
+        if models:
+            torch.save(models[0].state_dict(), os.path.join(audit, f'params_rank{rank}.pt'))
+
+    import utils
+    make_optimizer = utils.make_optimizer
+    utils.make_optimizer = lambda args, model: models.append(model) or make_optimizer(args, model)
+    atexit.register(report)
+    sys.addaudithook(hook)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name='__main__')
+''')
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp, name, script, args, nproc=1):
+    """Run ``script`` with ``args`` in ``tmp/name`` (1 process, or ``nproc`` under torchrun).
+
+    Returns (stdout, run folder, audit folder); fails the test with the output on a non-zero exit.
+    """
+    run, audit = tmp / name, tmp / f'{name}_audit'
+    run.mkdir()
+    audit.mkdir()
+    launcher = tmp / 'launcher.py'
+    launcher.write_text(LAUNCHER)
+    command = [str(launcher), str(audit), str(run), str(ROOT / script), *args, '--device', 'cpu']
+    if nproc > 1:
+        command = ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
+                   f'--master_port={free_port()}', *command]
+    result = subprocess.run([sys.executable, *command], cwd=run, env=ENV, capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout, run, audit
+
+
+def write_idx(path, array):
+    """An uncompressed IDX file (MNIST's format) holding the uint8 ``array``."""
+    path.write_bytes(struct.pack('>I', 0x800 + array.ndim) + struct.pack(f'>{array.ndim}I', *array.shape)
+                     + array.astype(np.uint8).tobytes())
+
+
+def fake_mnist(root, train=32, test=41, seed=0):
+    """MNIST in torchvision's raw layout: noisy 28x28 images whose label is where a bright patch is."""
+    rng = np.random.default_rng(seed)
+    raw = root / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for split, count in (('train', train), ('t10k', test)):
+        labels = rng.integers(0, 10, count)
+        images = rng.integers(0, 60, (count, 28, 28))
+        for image, label in zip(images, labels):
+            row, col = 4 + 12 * (label // 5), 1 + 5 * (label % 5)
+            image[row:row + 6, col:col + 5] = 255
+        write_idx(raw / f'{split}-images-idx3-ubyte', images)
+        write_idx(raw / f'{split}-labels-idx1-ubyte', labels)
+    return root
+
+
+def epoch_lines(log):
+    """[(loss, robust loss, test err, certified err)] of the epoch lines of a train log."""
+    pattern = (r'epoch +\d+ .*\| loss ([\d.]+) .*robust loss ([\d.]+) .*test err ([\d.]+) '
+               r'certified err ([\d.]+)')
+    return [tuple(map(float, m)) for m in re.findall(pattern, log)]
+
+
+def store_lines(stdout):
+    """{(name, rank): (examples, MiB)} from the start-up lines of every rank."""
+    pattern = r'(train|test) singular-vector store on rank (\d+): ([\d,]+) examples, ([\d.]+) MiB'
+    return {(name, int(rank)): (int(count.replace(',', '')), float(mib))
+            for name, rank, count, mib in re.findall(pattern, stdout)}
+
+
+TRAIN_FLAGS = ['--epochs', '3', '--rampup', '1', '--test_batch_size', '8', '--workers', '0',
+               '--test_sniter', '3', '--test_opt_iter', '3', '--niter', '2', '--no_shuffle',
+               '--epsilon', '0.5', '--epsilon_train', '0.5', '--lr', '3e-3', '--verbose', '1']
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """The same MNIST training with one process (batch 16) and with two (batch 8 each)."""
+    tmp = tmp_path_factory.mktemp('dist')
+    flags = TRAIN_FLAGS + ['--data_dir', str(fake_mnist(tmp / 'data')), '--prefix', 'run']
+    one = launch(tmp, 'one', 'train_mnist.py', flags + ['--batch_size', '16'])
+    two = launch(tmp, 'two', 'train_mnist.py', flags + ['--batch_size', '8'], nproc=2)
+    return tmp, one, two
+
+
+def test_two_ranks_keep_identical_parameters_close_to_one_process(runs):
+    _, (_, _, audit_one), (_, _, audit_two) = runs
+    rank0, rank1 = (torch.load(audit_two / f'params_rank{r}.pt') for r in (0, 1))
+    single = torch.load(audit_one / 'params_rank0.pt')
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=1e-3, msg=key)
+
+
+def test_two_ranks_log_the_losses_of_one_process(runs):
+    _, (_, run_one, _), (_, run_two, _) = runs
+    one = epoch_lines((run_one / 'pretrained' / 'run_relux_train.log').read_text())
+    two = epoch_lines((run_two / 'pretrained' / 'run_relux_train.log').read_text())
+    assert len(one) == len(two) == 3
+    np.testing.assert_allclose(two, one, atol=2e-4)
+
+
+def test_only_rank_zero_writes_files(runs):
+    _, _, (_, run, audit) = runs
+    assert (audit / 'writes_rank1.txt').read_text() == ''
+    written = {Path(p).name for p in (audit / 'writes_rank0.txt').read_text().split()}
+    assert {'run_relux_args.json', 'run_relux_train.log', 'run_relux_checkpoint.pth',
+            'run_relux_best.pth'} <= written
+    assert sorted(p.name for p in (run / 'pretrained').iterdir()) == [
+        'run_relux_args.json', 'run_relux_best.pth', 'run_relux_checkpoint.pth', 'run_relux_train.log']
+
+
+def test_each_rank_prints_its_store_share(runs):
+    _, (out_one, _, _), (out_two, _, _) = runs
+    one, two = store_lines(out_one), store_lines(out_two)
+    assert one[('train', 0)][0] == 32 and one[('test', 0)][0] == 41
+    assert two[('train', 0)][0] == two[('train', 1)][0] == 16
+    assert (two[('test', 0)][0], two[('test', 1)][0]) == (21, 20)
+    assert two[('train', 0)][1] == pytest.approx(one[('train', 0)][1] / 2, abs=0.1)
+
+
+def evaluation_counts(stdout):
+    """(examples, clean errors, certification failures) from evaluate.py's result line."""
+    total, clean, cert = re.search(r'(\d+) test examples at eps [\d.]+: clean error ([\d.]+) \| '
+                                   r'certified error ([\d.]+)', stdout).groups()
+    total = int(total)
+    return total, round(float(clean) * total), round(float(cert) * total)
+
+
+def test_distributed_evaluation_counts_every_example_once(runs):
+    tmp, (_, run_one, _), _ = runs
+    flags = ['--data', 'mnist', '--model', 'relux', '--data_dir', str(tmp / 'data'), '--no_pgd',
+             '--saved_model', str(run_one / 'pretrained' / 'run_relux'), '--epsilon', '0.05',
+             '--test_batch_size', '4', '--test_sniter', '20', '--workers', '0']
+    one, _, _ = launch(tmp, 'eval_one', 'evaluate.py', flags)
+    two, _, _ = launch(tmp, 'eval_two', 'evaluate.py', flags, nproc=2)
+    total, wrong, uncertified = evaluation_counts(one)
+    assert evaluation_counts(two) == (total, wrong, uncertified) and total == 41
+    assert wrong < uncertified < total, 'choose an eps where some, not all, examples certify'
+
+
+# ----------------------------------------------------------------------------- in one process
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the 2-core machines run several processes at once."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_shards_are_disjoint_equal_and_split_one_process_batches():
+    shards = [trainer.ShardSampler(23, r, 3, shuffle=False) for r in range(3)]
+    owned = torch.cat([s.indices for s in shards])
+    assert len(set(owned.tolist())) == 21 and all(len(s) == 7 for s in shards)
+    steps = zip(*(torch.tensor(list(s)).split(2) for s in shards))
+    assert torch.equal(torch.cat([torch.cat(step).sort().values for step in steps]), torch.arange(21))
+    shuffled = trainer.ShardSampler(23, 1, 3, seed=5)
+    first = list(shuffled)
+    shuffled.set_epoch(1)
+    second = list(shuffled)
+    assert sorted(first) == sorted(second) == shards[1].indices.tolist() and first != second
+
+
+@pytest.mark.parametrize('size', [10, 11, 1])
+def test_eval_indices_cover_every_example_once(size):
+    parts = [trainer.eval_indices(size, trainer.Runtime(torch.device('cpu'), r, 4)) for r in range(4)]
+    assert sorted(torch.cat(parts).tolist()) == list(range(size))
+
+
+def certify_split(model, data, args, batch, owned=None):
+    """(clean errors, failures) over the examples ``owned`` (all) in batches of ``batch``."""
+    x, y = data
+    index = torch.arange(len(y)) if owned is None else owned
+    loader = [(x[i], y[i], i) for i in index.split(batch)]
+    starts = trainer.evaluation_starts(model, args)
+    clean, cert, _, total = trainer.evaluate_certified(model, loader, args, trainer.Runtime(torch.device('cpu')),
+                                                       args.epsilon, starts)
+    return round(clean * total), round(cert * total)
+
+
+def test_seeded_starts_do_not_depend_on_batches_or_shares():
+    torch.manual_seed(0)
+    model = utils.select_model('mnist', 'relux')
+    args = utils.argparser(data='mnist', model='relux', argv=['--epsilon', '0.001', '--test_sniter', '3',
+                                                              '--device', 'cpu'])
+    x = torch.rand(13, 1, 28, 28)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:3] = (y[:3] + 1) % 10           # 3 clean errors; at this eps some correct ones certify
+    whole = certify_split(model, (x, y), args, 13)
+    halves = [certify_split(model, (x, y), args, 3, torch.arange(r, 13, 2)) for r in (0, 1)]
+    assert whole == tuple(map(sum, zip(*halves)))
+    assert 3 == whole[0] < whole[1] < 13
+    first = trainer.SeededStarts(model, (1, 28, 28), 7).gather(torch.tensor([4, 9]), 'cpu')
+    again = trainer.SeededStarts(model, (1, 28, 28), 7).gather(torch.tensor([9]), 'cpu')
+    assert all(torch.equal(first[i][1:], again[i]) for i in first)
+
+
+def test_store_shard_holds_the_rows_of_the_full_store():
+    model = utils.select_model('mnist', 'relux')
+    full = local_bound.SingularVectorStore(model, (1, 28, 28), 9, seed=3)
+    shard = local_bound.SingularVectorStore(model, (1, 28, 28), 9, seed=3, owned=torch.tensor([1, 4, 7]))
+    assert shard.nbytes * 3 == full.nbytes
+    index = torch.tensor([7, 1])
+    assert all(torch.equal(a, b) for a, b in zip(full.gather(index, 'cpu').values(),
+                                                  shard.gather(index, 'cpu').values()))
+
+
+def test_amp_warmup_then_fp32_certification(tmp_path, monkeypatch):
+    """--amp autocasts the plain warm-up epoch only; every bound pass runs in fp32."""
+    seen, plain = [], []
+    bound, forward = local_bound.bound_outputs, local_bound.BoundedModel.forward
+
+    def recording(model, x, *args, **kwargs):
+        seen.append((x.dtype, torch.is_autocast_enabled('cpu')))
+        return bound(model, x, *args, **kwargs)
+
+    def plain_forward(self, x, *args, **kwargs):
+        out = forward(self, x, *args, **kwargs)
+        if not args and not kwargs:
+            plain.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(local_bound, 'bound_outputs', recording)
+    monkeypatch.setattr(local_bound.BoundedModel, 'forward', plain_forward)
+    monkeypatch.chdir(tmp_path)
+    data = TensorDataset(torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,)))
+    argv = ['--amp', '--warmup', '1', '--rampup', '1', '--epochs', '3', '--batch_size', '8',
+            '--test_sniter', '2', '--niter', '1', '--workers', '0', '--device', 'cpu', '--prefix', 'amp']
+    report = trainer.main(lambda: utils.argparser(data='mnist', model='relux', argv=argv), data, data)
+    assert plain and set(plain) == {torch.bfloat16}
+    assert seen and set(seen) == {(torch.float32, False)}
+    assert report['examples'] == 16 and 0 <= report['certified_err'] <= 1
+    log = (tmp_path / 'pretrained' / 'amp_relux_train.log').read_text()
+    assert 'clean test err' in log and 'certified err' in log
