@@ -268,7 +268,7 @@ def train_robust_epoch(net, loader, optimizer, args, runtime, epoch, eps, kappa,
         n = len(y)
         wrong = (logits.argmax(1) != y).sum().item()
         robust_wrong = (worst.argmax(1) != y).sum().item()
-        for k, value in enumerate((ce.item() * n, robust.item() * n, float(sparsity) * n, wrong, robust_wrong)):
+        for k, value in enumerate((ce.item() * n, robust.item() * n, sparsity.item() * n, wrong, robust_wrong)):
             sums[k] += value
         count += n
         _log_batch(logger, args, epoch, i, len(loader), ce.item(), wrong / n, robust.item(), robust_wrong / n, eps_i)
