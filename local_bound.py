@@ -6,6 +6,7 @@ masks of varying neurons around them; after the pass, the masked spectral norm o
 layer is estimated per sample by power iteration and their product is the local Lipschitz bound.
 The last Linear layer turns ball and box into worst-case logits (the BCP translation).
 """
+import contextlib
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -59,6 +60,13 @@ class ConvOperator:
         return F.conv_transpose2d(y, layer.weight, None, layer.stride, layer.padding,
                                   self.output_padding, layer.groups, layer.dilation)
 
+    def weight_grad(self, u, v):
+        """d/dW of sum_b <v_b, W u_b>: the conv weight gradient for input u and output gradient v."""
+        layer = self.layer
+        return torch.ops.aten.convolution_backward(
+            v, u, layer.weight, None, layer.stride, layer.padding, layer.dilation, False, [0, 0],
+            layer.groups, [False, True, False])[1]
+
     def row_norms(self):
         """L2 norm of each output channel's whole filter, shaped [1, C_out, 1, 1]."""
         return self.layer.weight.flatten(1).norm(dim=1).view(1, -1, 1, 1)
@@ -82,6 +90,9 @@ class LinearOperator:
 
     def adjoint(self, y):
         return y @ self.layer.weight
+
+    def weight_grad(self, u, v):
+        return v.t() @ u
 
     def row_norms(self):
         return self.layer.weight.norm(dim=1).view(1, -1)
@@ -114,49 +125,87 @@ def load_global_vectors(model, state):
         _global_vectors[model[int(i)]] = u.to(device)
 
 
-def global_spectral_norm(op, iters, tol=GLOBAL_TOL):
+POWER_GRADS = ('unrolled', 'final')
+
+
+def global_spectral_norm(op, iters, tol=GLOBAL_TOL, grad='unrolled'):
     """||W||_2 of the operator by power iteration, warm-started from the layer's last vector."""
     u = _global_vectors.get(op.layer)
     weight = op.layer.weight
-    if u is None or u.shape[1:] != op.in_shape or u.device != weight.device:
+    if u is None or u.shape[1:] != op.in_shape or u.device != weight.device or u.dtype != weight.dtype:
         u = torch.randn(1, *op.in_shape, device=weight.device, dtype=weight.dtype)
-    sigma, u = _power_iteration(op, u, None, None, iters, tol)
+    sigma, u = _power_iteration(op, u, None, None, iters, tol, grad)
     _global_vectors[op.layer] = u.detach()
     return sigma[0]
 
 
-def masked_spectral_norm(op, u, in_mask, out_mask, iters, tol=LOCAL_TOL):
+def masked_spectral_norm(op, u, in_mask, out_mask, iters, tol=LOCAL_TOL, grad='unrolled'):
     """Per-sample ``||D_out W D_in||_2`` by power iteration from start vectors ``u`` [B, *in_shape].
 
-    Gradients flow through the iterations (masks are constants). Returns (sigma [B], final u).
+    ``grad='unrolled'``: gradients flow through the iterations (masks are constants).
+    ``grad='final'``: the iterations run without autograd and only the final estimate
+    ``<v, D_out W D_in u>`` is differentiated, with u and v held fixed (the usual spectral-norm
+    gradient; same value, and the same gradient once the vectors have converged).
+    Returns (sigma [B], final u).
     """
-    return _power_iteration(op, u, in_mask, out_mask, iters, tol)
+    return _power_iteration(op, u, in_mask, out_mask, iters, tol, grad)
 
 
-def _power_iteration(op, u, in_mask, out_mask, iters, tol):
+def _power_iteration(op, u, in_mask, out_mask, iters, tol, grad='unrolled'):
     """Alternate ``v = normalise(D_out W D_in u)``, ``u = normalise(D_in W^T v)``.
 
     Stops after ``iters`` rounds or once no sample's ``u`` moved by ``tol`` or more. The estimate
     ``<v, D_out W D_in u>`` equals ``|D_in W^T v|^2 / (|D_in W^T v| + EPS)`` for the final u, so it
     costs no extra operator application.
     """
-    for it in range(iters):
-        previous = u
-        if in_mask is not None:
-            u = u * in_mask
-        out = op.linear(u)
-        if out_mask is not None:
-            out = out * out_mask
-        v = out / (batch_norms(out) + EPS)
-        back = op.adjoint(v)
-        if in_mask is not None:
-            back = back * in_mask
-        norm = batch_norms(back)
-        u = back / (norm + EPS)
-        if it + 1 == iters or (u - previous).flatten(1).norm(dim=1).max() < tol:
-            break
-    norm = norm.flatten()
-    return norm * norm / (norm + EPS), u
+    if grad not in POWER_GRADS:
+        raise ValueError(f'power-iteration gradient must be one of {POWER_GRADS}, not {grad!r}')
+    final = grad == 'final'
+    with torch.no_grad() if final else contextlib.nullcontext():
+        # after the first round u = D_in W^T v / |.| already has D_in u = u: mask the start only
+        masked = u * in_mask if in_mask is not None else u
+        for it in range(iters):
+            previous = u
+            out = op.linear(masked)
+            if out_mask is not None:
+                out = out.mul_(out_mask) if final else out * out_mask
+            v = _normalised(out, final)
+            back = op.adjoint(v)
+            if in_mask is not None:
+                back = back.mul_(in_mask) if final else back * in_mask
+            norm = batch_norms(back)
+            u = masked = _normalised(back, final, norm)
+            if it + 1 == iters or (u - previous).flatten(1).norm(dim=1).max() < tol:
+                break
+        norm = norm.flatten()
+        sigma = norm * norm / (norm + EPS)
+    if final and torch.is_grad_enabled() and op.layer.weight.requires_grad:
+        # v = D_out v and u = D_in u already, so d<v, D_out W D_in u>/dW = sum_b g_b v_b u_b^T
+        sigma = _RayleighQuotient.apply(op.layer.weight, sigma, op, u, v)
+    return sigma, u
+
+
+def _normalised(t, in_place, norm=None):
+    """``t / (|t| + EPS)`` per sample (in place when ``in_place``)."""
+    norm = batch_norms(t) if norm is None else norm
+    return t.div_(norm + EPS) if in_place else t / (norm + EPS)
+
+
+class _RayleighQuotient(torch.autograd.Function):
+    """sigma = <v, W u> per sample with u, v fixed: forward returns the known value, backward
+    gives only the weight gradient (one weight-gradient call, no forward operator application)."""
+
+    @staticmethod
+    def forward(ctx, weight, sigma, op, u, v):
+        ctx.op = op
+        ctx.save_for_backward(u, v)
+        return sigma.clone()
+
+    @staticmethod
+    def backward(ctx, grad_sigma):
+        u, v = ctx.saved_tensors
+        scaled = v * grad_sigma.view(-1, *([1] * (v.dim() - 1)))
+        return ctx.op.weight_grad(u, scaled), None, None, None, None
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -187,6 +236,131 @@ class BoundState:
 class PassOptions:
     sniter: int
     sp_thres: Optional[float] = None   # sparsity term wanted (TinyImageNet); None = skip
+    power_grad: str = 'unrolled'       # see masked_spectral_norm
+
+
+# ----------------------------------------------------------------------------- fused interval steps
+#
+# The elementwise steps every layer pays for, as autograd Functions. The forward is the plain
+# max/min/clamp arithmetic and also records, as 0/1 float tensors, which candidate won each
+# max/min; the backward routes each incoming gradient with one multiplication by such a mask.
+# Autograd's own max/min/clamp backward costs several full-size passes per operand (compare,
+# where, masked_fill, divide), and torch.where / masked_fill are slow on CPU. Values are exactly
+# those of torch.maximum/minimum/clamp; where two candidates tie, the gradient goes to one of them
+# instead of half to each.
+
+def _sum_to(t, shape):
+    return t if t.shape == shape else t.sum_to_size(shape)
+
+
+def _indicator(compare, a, b):
+    """``compare(a, b)`` as a 0/1 tensor of a's dtype, written in one pass."""
+    return compare(a, b, out=torch.empty_like(a))
+
+
+class _BallBoxIntersection(torch.autograd.Function):
+    """(lower, upper) = box [mid - rad, mid + rad] intersected with [centre - s, centre + s]."""
+
+    @staticmethod
+    def forward(ctx, box_mid, box_rad, centre, ball_rad):
+        box_low, ball_low = box_mid - box_rad, centre - ball_rad
+        box_high, ball_high = box_mid + box_rad, centre + ball_rad
+        box_sets_low = _indicator(torch.ge, box_low, ball_low)
+        box_sets_high = _indicator(torch.le, box_high, ball_high)
+        ctx.save_for_backward(box_sets_low, box_sets_high)
+        ctx.ball_shape = ball_rad.shape
+        return torch.maximum(box_low, ball_low, out=box_low), torch.minimum(box_high, ball_high, out=box_high)
+
+    @staticmethod
+    def backward(ctx, grad_lower, grad_upper):
+        box_sets_low, box_sets_high = ctx.saved_tensors
+        box_low, box_high = grad_lower * box_sets_low, grad_upper * box_sets_high
+        grad_mid = box_low + box_high
+        grad_rad = box_high - box_low
+        grad_centre = grad_lower + grad_upper - grad_mid
+        grad_ball = None
+        if ctx.needs_input_grad[3]:   # d upper/d s on the ball's side minus d lower/d s
+            grad_ball = _sum_to(grad_upper - grad_lower - grad_rad, ctx.ball_shape)
+        return grad_mid, grad_rad, grad_centre, grad_ball
+
+
+class _ClippedBallStep(torch.autograd.Function):
+    """Box of an elementwise clip activation ``act(t) = clamp(min(t, theta), 0)`` (theta None: ReLU).
+
+    Returns ``act(max(lower, centre - r))``, ``act(min(upper, centre + r))`` and ``act(centre)``:
+    for a non-decreasing elementwise activation the intersection commutes with it.
+    """
+
+    @staticmethod
+    def forward(ctx, lower, upper, centre, radius, theta):
+        r = radius.view(-1, *([1] * (centre.dim() - 1)))
+        ball_low, ball_high = centre - r, centre + r
+        box_sets_low = _indicator(torch.ge, lower, ball_low)
+        box_sets_high = _indicator(torch.le, upper, ball_high)
+        low = torch.maximum(lower, ball_low, out=ball_low)
+        high = torch.minimum(upper, ball_high, out=ball_high)
+        outputs, saved = [], [box_sets_low, box_sets_high]
+        for t in (low, high, centre):
+            if theta is None:
+                out = torch.relu(t)
+                saved.append(_indicator(torch.gt, out, 0.0))
+            else:
+                out = torch.minimum(t, theta).clamp_(min=0)
+                # passes where 0 <= t <= theta (there out == t); saturated where t > theta
+                saved += [_indicator(torch.eq, out, t), _indicator(torch.gt, t, theta)]
+            outputs.append(out)
+        ctx.save_for_backward(*saved, theta if theta is not None else radius.new_empty(0))
+        ctx.has_theta = theta is not None
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, grad_low, grad_high, grad_centre):
+        *saved, theta = ctx.saved_tensors
+        box_sets_low, box_sets_high = saved[:2]
+        step = 2 if ctx.has_theta else 1
+        grads, to_theta = [], None
+        for k, g in enumerate((grad_low, grad_high, grad_centre)):
+            masks = saved[2 + k * step: 2 + (k + 1) * step]
+            grads.append(g * masks[0])
+            if ctx.has_theta and ctx.needs_input_grad[4]:
+                to_theta = g * masks[1] if to_theta is None else to_theta.addcmul_(g, masks[1])
+        g_low, g_high, g_centre = grads
+        grad_lower, grad_upper = g_low * box_sets_low, g_high * box_sets_high
+        via_low, via_high = g_low - grad_lower, g_high - grad_upper
+        grad_radius = (via_high - via_low).flatten(1).sum(1) if ctx.needs_input_grad[3] else None
+        grad_theta = None
+        if to_theta is not None:   # clamp(theta, 0) passes no gradient where theta < 0
+            grad_theta = _sum_to(to_theta, theta.shape) * (theta >= 0).to(theta.dtype)
+        return grad_lower, grad_upper, g_centre + via_low + via_high, grad_radius, grad_theta
+
+
+class _Pick(torch.autograd.Function):
+    """``max(a, b)`` (``min`` when ``smaller``) whose backward is one multiplication by a 0/1 mask."""
+
+    @staticmethod
+    def forward(ctx, a, b, smaller):
+        out = torch.minimum(a, b) if smaller else torch.maximum(a, b)
+        takes_a = (torch.le if smaller else torch.ge)(a, b, out=torch.empty_like(out))
+        ctx.save_for_backward(takes_a)
+        ctx.shapes = a.shape, b.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        takes_a, = ctx.saved_tensors
+        grad_a = grad * takes_a
+        grad_b = grad - grad_a if ctx.needs_input_grad[1] else None
+        shape_a, shape_b = ctx.shapes
+        return (_sum_to(grad_a, shape_a) if ctx.needs_input_grad[0] else None,
+                None if grad_b is None else _sum_to(grad_b, shape_b), None)
+
+
+def _larger(a, b):
+    return _Pick.apply(a, b, False)
+
+
+def _smaller(a, b):
+    return _Pick.apply(a, b, True)
 
 
 def affine_rule(layer, index, state, options):
@@ -195,29 +369,34 @@ def affine_rule(layer, index, state, options):
     box_rad = op.absolute((state.upper - state.lower) * 0.5)
     centre = op.affine(state.centre)
     ball_rad = state.radius.view(-1, *([1] * (centre.dim() - 1))) * op.row_norms()
-    lower = torch.maximum(box_mid - box_rad, centre - ball_rad)
-    upper = torch.minimum(box_mid + box_rad, centre + ball_rad)
-    sigma = global_spectral_norm(op, options.sniter)
+    lower, upper = _BallBoxIntersection.apply(box_mid, box_rad, centre, ball_rad)
+    sigma = global_spectral_norm(op, options.sniter, grad=options.power_grad)
     state.records.append(AffineRecord(index, op, sigma, in_mask=state.mask))
     return BoundState(centre, state.radius * sigma, lower, upper, None, state.records, state.sparsity)
 
 
-def _activation_step(state, act, mask, out_mask, sparsity, elementwise=True):
+def _activation_step(state, act, mask, out_mask, sparsity, elementwise=True, theta=False):
     """Shared part of every activation rule: box through ``act`` intersected with the ball's box.
 
     For an elementwise non-decreasing ``act``, ``max(act(l), act(m - r)) = act(max(l, m - r))``
     (and likewise for the upper bound), so the intersection is taken before the activation.
+    ``theta`` (a threshold tensor, or None for ReLU) selects the fused clip step instead of ``act``.
     """
-    r = state.radius.view(-1, *([1] * (state.centre.dim() - 1)))
-    if elementwise:
+    if theta is not False:
+        lower, upper, centre = _ClippedBallStep.apply(state.lower, state.upper, state.centre, state.radius, theta)
+    elif elementwise:
+        r = state.radius.view(-1, *([1] * (state.centre.dim() - 1)))
         lower = act(torch.maximum(state.lower, state.centre - r))
         upper = act(torch.minimum(state.upper, state.centre + r))
+        centre = act(state.centre)
     else:
+        r = state.radius.view(-1, *([1] * (state.centre.dim() - 1)))
         lower = torch.maximum(act(state.lower), act(state.centre - r))
         upper = torch.minimum(act(state.upper), act(state.centre + r))
+        centre = act(state.centre)
     if out_mask:
         state.records[-1].out_mask = mask
-    return BoundState(act(state.centre), state.radius, lower, upper, mask, state.records,
+    return BoundState(centre, state.radius, lower, upper, mask, state.records,
                       state.sparsity + sparsity)
 
 
@@ -227,18 +406,37 @@ def relux_rule(layer, index, state, options):
     sparsity = 0.0
     if options.sp_thres is not None:
         sparsity = F.relu(state.upper).mean() + options.sp_thres * F.relu(theta - state.lower).mean()
-    return _activation_step(state, lambda t: relu_x(t, theta), mask, True, sparsity)
+    return _activation_step(state, lambda t: relu_x(t, theta), mask, True, sparsity, theta=theta)
 
 
 def relu_rule(layer, index, state, options):
     mask = (state.upper > 0).to(state.centre.dtype)
     sparsity = F.relu(state.upper).mean() if options.sp_thres is not None else 0.0
-    return _activation_step(state, F.relu, mask, True, sparsity)
+    return _activation_step(state, F.relu, mask, True, sparsity, theta=None)
 
 
 def maxmin_rule(layer, index, state, options):
-    act = lambda t: clamp_maxmin(t, layer.max, layer.min)  # noqa: E731
-    new = _activation_step(state, act, None, False, 0.0, elementwise=False)
+    """Box ``max(act(l), act(m - r)) .. min(act(u), act(m + r))`` of the clipped MaxMin ``act``.
+
+    Computed without applying ``act`` five times: the clips commute with the intersection
+    (``max(min(A, t), min(B, t)) = min(max(A, B), t)``) and ``act(m -/+ r)`` before clipping is
+    ``(max(a, b) -/+ r, min(a, b) -/+ r)`` for the channel halves a, b of m. Same values.
+    """
+    def halves(t):
+        return t.split(t.size(1) // 2, dim=1)
+
+    r = state.radius.view(-1, *([1] * (state.centre.dim() - 1)))
+    (low_a, low_b), (up_a, up_b), (c_a, c_b) = halves(state.lower), halves(state.upper), halves(state.centre)
+    c_high, c_low = _larger(c_a, c_b), _smaller(c_a, c_b)
+    lower_high = _larger(_larger(low_a, low_b), c_high - r)
+    lower_low = _larger(_smaller(low_a, low_b), c_low - r)
+    upper_high = _smaller(_larger(up_a, up_b), c_high + r)
+    upper_low = _smaller(_smaller(up_a, up_b), c_low + r)
+    top, bottom = layer.max, layer.min
+    lower = torch.cat([_smaller(lower_high, top), _larger(lower_low, bottom)], dim=1)
+    upper = torch.cat([_smaller(upper_high, top), _larger(upper_low, bottom)], dim=1)
+    centre = torch.cat([_smaller(c_high, top), _larger(c_low, bottom)], dim=1)
+    new = BoundState(centre, state.radius, lower, upper, None, state.records, state.sparsity)
     high_lower, _ = new.lower.split(new.lower.size(1) // 2, dim=1)
     _, low_upper = new.upper.split(new.upper.size(1) // 2, dim=1)
     fixed = torch.cat([high_lower >= layer.max, low_upper <= layer.min], dim=1)
@@ -283,9 +481,15 @@ def propagate(model, x, eps, options):
 
 # ----------------------------------------------------------------------------- per-example store
 
+def _probe(model, shape):
+    """A zero input of ``shape`` on the device and in the dtype of ``model``'s parameters."""
+    param = next(model.parameters())
+    return torch.zeros(1, *shape, device=param.device, dtype=param.dtype)
+
+
 def affine_input_shapes(model, input_shape):
     """{layer index: input shape} for every conv/linear layer but the last."""
-    shapes, x = {}, torch.zeros(1, *input_shape, device=next(model.parameters()).device)
+    shapes, x = {}, _probe(model, input_shape)
     layers = list(model)
     with torch.no_grad():
         for index, layer in enumerate(layers[:-1]):
@@ -416,7 +620,8 @@ def lipschitz_product(state, options, *, bound='local', store=None, index=None):
         u = starts.get(rec.index)
         if u is None:
             u = torch.randn(batch, *rec.op.in_shape, device=product.device, dtype=product.dtype)
-        sigma, u = masked_spectral_norm(rec.op, u, rec.in_mask, rec.out_mask, options.sniter)
+        sigma, u = masked_spectral_norm(rec.op, u, rec.in_mask, rec.out_mask, options.sniter,
+                                        grad=options.power_grad)
         finals[rec.index] = u
         product = product * sigma
     return product, finals
@@ -440,14 +645,16 @@ def clip_and_rescale(directions, lower, upper, radius, active, opt_iter):
         if it > 0 and not ((active * d < lower) | (active * d > upper)).any():
             break
         at_lower, at_upper = (d <= lower).to(d.dtype), (d >= upper).to(d.dtype)
-        before = active * d * at_lower + active * d * at_upper
         after = active * lower * at_lower + active * upper * at_upper
-        norm_before = (active * (before + EPS)).norm(dim=-1, keepdim=True)
         norm_after = (active * (after + EPS)).norm(dim=-1, keepdim=True)
-        free_before = torch.sqrt(torch.clamp(target ** 2 - norm_before ** 2, min=0) + EPS + trivial)
-        free_after = torch.sqrt(torch.clamp(target ** 2 - norm_after ** 2, min=0) + EPS + trivial)
         inside = ((d > lower) & (d < upper)).to(d.dtype)
-        d = after + (free_after / (free_before + EPS)) * active * d * inside
+        free = active * d * inside
+        # the free part's norm is measured, not taken as sqrt(r^2 - |clipped part|^2): equal in
+        # exact arithmetic (|d| = r), but that difference cancels in float32 when the clipped
+        # coordinates carry almost all of the norm, and would under-estimate the optimum
+        free_before = torch.sqrt((free * free).sum(-1, keepdim=True) + EPS + trivial)
+        free_after = torch.sqrt(torch.clamp(target ** 2 - norm_after ** 2, min=0) + EPS + trivial)
+        d = after + (free_after / (free_before + EPS)) * free
     return (directions * d).sum(-1)
 
 
@@ -499,16 +706,18 @@ class BoundOutput:
 
 
 def bound_outputs(model, x, y, eps, *, sniter, opt_iter, store=None, index=None, gloro=False,
-                  bound='local', sp_thres=None, translation='label'):
+                  bound='local', sp_thres=None, translation='label', power_grad='unrolled'):
     """One bound pass: clean logits, worst-case logits, Lipschitz product and sparsity term.
 
     ``store``/``index``: per-example start vectors (read, then written back). ``translation``:
     'label' solves only the B x C problems the worst-case logits need; 'pairwise' solves all
-    B x C x C (the authors' layout) and takes the label column.
+    B x C x C (the authors' layout) and takes the label column. ``power_grad``: how gradients
+    pass the power iterations, 'unrolled' or 'final' (see ``masked_spectral_norm``); values are
+    the same either way.
     """
     if bound not in ('local', 'global'):
         raise ValueError(f"bound must be 'local' or 'global', not {bound!r}")
-    options = PassOptions(sniter=sniter, sp_thres=sp_thres)
+    options = PassOptions(sniter=sniter, sp_thres=sp_thres, power_grad=power_grad)
     state = propagate(model, x, eps, options)
     product, finals = lipschitz_product(state, options, bound=bound, store=store, index=index)
     if store is not None and finals:
@@ -555,12 +764,11 @@ def infer_input_shape(model):
     first = list(model)[0]
     if isinstance(first, nn.Linear):
         return (first.in_features,)
-    device = next(model.parameters()).device
     for size in (28, 32, 64):
         shape = (first.in_channels, size, size)
         try:
             with torch.no_grad():
-                model(torch.zeros(1, *shape, device=device))
+                model(_probe(model, shape))
             return shape
         except RuntimeError:
             continue
@@ -571,7 +779,7 @@ def infer_input_shape(model):
 def global_lipschitz(model, *, sniter=2000, input_shape=None):
     """Product of the plain spectral norms of every conv/linear layer but the last."""
     shape = tuple(input_shape) if input_shape is not None else infer_input_shape(model)
-    x = torch.zeros(1, *shape, device=next(model.parameters()).device)
+    x = _probe(model, shape)
     product = 1.0
     for layer in list(model)[:-1]:
         if is_affine(layer):
