@@ -113,13 +113,65 @@ def build_loaders(args, runtime, train_set=None, test_set=None):
     train_sampler = shard if runtime.distributed else None
     owned_test = eval_indices(len(test_set), runtime)
     test_sampler = owned_test.tolist() if runtime.distributed else None
+    owned_train = shard.indices if runtime.distributed else None
+    device_sets = _device_image_sets(args, train_set, test_set)
+    if device_sets is not None:
+        (train_images, train_labels), (test_images, test_labels) = device_sets
+        stats = data_load.normalization_stats(args.data, args.normalization)
+        train_loader = data_load.DeviceTensorLoader(
+            train_images, train_labels, args.batch_size, device=runtime.device, shuffle=args.shuffle,
+            drop_last=args.drop_last, augment=args.augmentation and args.data == 'cifar10',
+            normalization=stats, seed=args.seed + runtime.rank, sampler_indices=owned_train)
+        test_loader = data_load.DeviceTensorLoader(
+            test_images, test_labels, args.test_batch_size, device=runtime.device, normalization=stats,
+            sampler_indices=owned_test if runtime.distributed else None)
+        return train_loader, test_loader, owned_train, owned_test if runtime.distributed else None
     train_loader, test_loader = data_load.make_loaders(
         train_set, test_set, args.batch_size, args.test_batch_size, shuffle=args.shuffle,
         drop_last=args.drop_last, num_workers=args.workers,
         pin_memory=runtime.device.type == 'cuda', train_sampler=train_sampler,
         test_sampler=test_sampler)
-    owned_train = shard.indices if runtime.distributed else None
     return train_loader, test_loader, owned_train, owned_test if runtime.distributed else None
+
+
+def _image_tensors(dataset):
+    """(uint8 images [N,C,H,W], labels) of a torchvision MNIST/CIFAR-10 set or a Subset of one, else None."""
+    indices = None
+    if isinstance(dataset, torch.utils.data.Subset):
+        dataset, indices = dataset.dataset, torch.as_tensor(list(dataset.indices), dtype=torch.long)
+    data, targets = getattr(dataset, 'data', None), getattr(dataset, 'targets', None)
+    if data is None or targets is None:
+        return None
+    try:
+        images = data_load.images_nchw(data)
+    except ValueError:
+        return None
+    labels = torch.as_tensor(targets, dtype=torch.long)
+    if indices is not None:
+        images, labels = images[indices], labels[indices]
+    return images, labels
+
+
+def _device_image_sets(args, train_set, test_set):
+    """Both sets as image tensors for ``--loader device`` (or auto on MNIST/CIFAR-10), else None."""
+    choice = getattr(args, 'loader', 'auto')
+    if choice == 'torch' or (choice == 'auto' and args.data not in ('mnist', 'cifar10')):
+        return None
+    sets = _image_tensors(train_set), _image_tensors(test_set)
+    if None in sets:
+        if choice == 'device':
+            raise ValueError('--loader device needs torchvision MNIST/CIFAR-10 data sets (uint8 .data and '
+                             '.targets); use --loader torch')
+        return None
+    return sets
+
+
+def set_loader_epoch(loader, epoch, seed):
+    """Make epoch ``epoch``'s order (and augmentation) a function of (seed, epoch): exact --resume."""
+    if isinstance(getattr(loader, 'sampler', None), ShardSampler):
+        loader.sampler.set_epoch(epoch)
+    elif isinstance(loader, data_load.DeviceTensorLoader):
+        loader.generator.manual_seed(seed + 1_000_003 * (epoch + 1))
 
 
 def limited(dataset, limit):
@@ -357,12 +409,19 @@ def store_placement(args, runtime, nbytes):
     return runtime.device, False
 
 
+def store_dtype(args, runtime):
+    """``--store_dtype``; auto = float16 when training on CUDA (half the memory and traffic), else float32."""
+    choice = getattr(args, 'store_dtype', 'auto')
+    if choice == 'auto':
+        choice = 'float16' if runtime.device.type == 'cuda' else 'float32'
+    return {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}[choice]
+
+
 def make_store(model, args, runtime, size, owned, seed):
     """Per-example store for a data set of ``size`` examples (this rank's share when ``owned``)."""
     if args.bound == 'global':
         return None
-    dtype = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}[
-        getattr(args, 'store_dtype', 'float32')]
+    dtype = store_dtype(args, runtime)
     shape = data_load.input_shape(args.data)
     layers = getattr(args, 'indices', None)
     shapes = local_bound.affine_input_shapes(model, shape)
@@ -473,8 +532,7 @@ def train(args, runtime, logger, train_set=None, test_set=None):
     if args.resume:
         start, best_err = _resume(model, optimizer, scheduler, stores, args, runtime, logger)
     for epoch in range(start, args.epochs):
-        if isinstance(train_loader.sampler, ShardSampler):
-            train_loader.sampler.set_epoch(epoch)
+        set_loader_epoch(train_loader, epoch, args.seed + runtime.rank)
         best_err = _run_epoch(net, model, train_loader, test_loader, optimizer, scheduler, stores,
                               args, runtime, logger, epoch, best_err)
     return final_report(args, runtime, logger, test_loader, stores[1])

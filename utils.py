@@ -242,7 +242,13 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
     g.add_argument('--store_device', choices=['auto', 'cpu', 'cuda'], default='auto',
                    help='where the per-example singular vectors live: auto = the compute device when '
                         'they fit in half its free memory, else pinned host memory')
-    g.add_argument('--store_dtype', choices=['float32', 'float16', 'bfloat16'], default='float32')
+    g.add_argument('--store_dtype', choices=['auto', 'float32', 'float16', 'bfloat16'], default='auto',
+                   help='number format of the per-example singular vectors: auto = float16 when training '
+                        'on CUDA, float32 on CPU (the power iteration itself always runs in float32)')
+    g.add_argument('--loader', choices=['auto', 'torch', 'device'], default='auto',
+                   help='device = MNIST/CIFAR-10 held as one uint8 tensor on the compute device, batched, '
+                        'cropped and flipped there; torch = DataLoader with per-image transforms; '
+                        'auto = device for mnist/cifar10, torch for tinyimagenet')
     g.add_argument('--amp', action='store_true',
                    help='mixed precision for the plain warm-up epochs (never for certification)')
     g.add_argument('--power_grad', choices=['unrolled', 'final'], default='unrolled',
@@ -288,6 +294,9 @@ def finish_args(parser, args, end_lr_default=None):
                      'the best model is kept from the end of the ramp-up on')
     if args.epsilon < 0 or args.epsilon_train < 0 or args.starting_epsilon < 0:
         parser.error('epsilons must be >= 0')
+    if args.loader == 'device' and args.data == 'tinyimagenet':
+        parser.error('--loader device holds MNIST/CIFAR-10 on the device; TinyImageNet is read from '
+                     'image folders (use --loader torch or auto)')
     if args.lr_scheduler == 'multistep' and not args.wd_list:
         parser.error('--lr_scheduler multistep needs --wd_list milestones')
     half = args.epochs // 2
