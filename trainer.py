@@ -515,6 +515,7 @@ def _resume(model, optimizer, scheduler, stores, args, runtime, logger):
 def train(args, runtime, logger, train_set=None, test_set=None):
     """Run SPEC section 4 end to end; returns the final report (a dict) on every rank."""
     torch.manual_seed(args.seed)
+    local_bound.use_compiled_kernels(getattr(args, 'compile', False))
     train_loader, test_loader, owned_train, owned_test = build_loaders(args, runtime, train_set, test_set)
     model = utils.select_model(args.data, args.model, args.init, runtime.device)
     net = local_bound.BoundedModel(model)

@@ -251,6 +251,10 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
                         'auto = device for mnist/cifar10, torch for tinyimagenet')
     g.add_argument('--amp', action='store_true',
                    help='mixed precision for the plain warm-up epochs (never for certification)')
+    g.add_argument('--compile', action='store_true',
+                   help='run the elementwise kernels of the bound pass through torch.compile (fused loops, '
+                        'same values; the first steps pay a few minutes of compilation; needs a C++ compiler '
+                        'on CPU)')
     g.add_argument('--power_grad', choices=['unrolled', 'final'], default='unrolled',
                    help='training gradient of the power iterations: unrolled = through every iteration '
                         '(SPEC); final = iterate without autograd, differentiate <v, D W D u> with u, v '

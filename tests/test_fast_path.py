@@ -8,6 +8,7 @@
 * the on-device loader covers every example once per epoch, also split over ranks.
 """
 import copy
+import os
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -219,6 +220,27 @@ def test_pick_gradcheck_with_broadcast():
     a, b = _no_ties(2, 4, 3, 3).requires_grad_(), _no_ties(1, 4, 3, 3).requires_grad_()
     assert torch.autograd.gradcheck(lambda p, q: lb._larger(p, q), (a, b))
     assert torch.autograd.gradcheck(lambda p, q: lb._smaller(p, q), (a, b))
+
+
+@pytest.mark.skipif(not os.environ.get('LOCALLIP_SLOW_TESTS'),
+                    reason='torch.compile takes minutes on a small CPU: set LOCALLIP_SLOW_TESTS=1')
+@pytest.mark.parametrize('data,name', [('mnist', 'relux'), ('mnist', 'standrelu')])
+def test_compiled_kernels_same_values_and_gradients(data, name):
+    model, x, y, eps, globals_, starts = setup(data, name)
+    results = []
+    for compiled in (False, True):
+        lb.use_compiled_kernels(compiled)
+        try:
+            model.zero_grad()
+            out, _ = ours(model, x, y, eps, globals_, starts, sniter=2, opt_iter=2)
+            F.cross_entropy(out.worst, y).backward()
+        finally:
+            lb.use_compiled_kernels(False)
+        results.append((out.worst.detach(), [p.grad.clone() for p in model.parameters()]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert torch.allclose(eager, compiled, atol=1e-5, rtol=1e-5)
+    for a, b in zip(eager_grads, compiled_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- on-device loader
