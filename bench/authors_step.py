@@ -56,8 +56,11 @@ class AuthorsStore:
         with torch.no_grad():
             for layer in layers[:-1]:
                 if _affine(layer):
-                    v = torch.randn((num_examples, *x.shape[1:]), generator=generator)
-                    self.vectors.append(v.pin_memory() if pin else v)
+                    v = torch.empty((num_examples, *x.shape[1:]), pin_memory=pin)
+                    for start in range(0, num_examples, 1024):   # no second full-size copy to pin
+                        block = v[start:start + 1024]
+                        block.copy_(torch.randn(block.shape, generator=generator))
+                    self.vectors.append(v)
                 else:
                     self.vectors.append(None)
                 x = layer(x)
