@@ -546,6 +546,7 @@ def rule_for(layer):
 
 def propagate(model, x, eps, options):
     """Carry ball and box from the input to the penultimate layer. Returns the final BoundState."""
+    check_boundable(model)
     radius = torch.full((x.size(0),), float(eps), device=x.device, dtype=x.dtype)
     state = BoundState(x, radius, x - eps, x + eps)
     for index, layer in enumerate(list(model)[:-1]):
@@ -779,6 +780,45 @@ class BoundOutput:
     sparsity: torch.Tensor      # TinyImageNet sparsity term (0 unless sp_thres is given)
 
 
+class BoundError(ValueError):
+    """A model or input the bound pass cannot handle (one-line message)."""
+
+
+def check_boundable(model):
+    """Refuse a model whose last module is not a Linear layer: the translation needs affine logits."""
+    layers = list(model)
+    if not layers or not isinstance(layers[-1], nn.Linear):
+        last = type(layers[-1]).__name__ if layers else 'nothing'
+        raise BoundError(f'the last module of the model must be nn.Linear (the logits), not {last}: '
+                         'an activation after the logits would void the worst-case translation')
+
+
+# Certification decides with a margin, never on a tie: float32 rounding of logits of size |z| is
+# about 1e-7 |z| per operation, so a margin inside MARGIN_RTOL * (1 + |z_y|) is no evidence.
+MARGIN_RTOL = 1e-5
+
+
+def strictly_first(scores, y, rtol=0.0):
+    """Bool [B]: every score of the row is finite and ``scores[y]`` beats every other one by more
+    than ``rtol * (1 + |scores[y]|)`` (a tie, NaN or inf never counts)."""
+    finite = torch.isfinite(scores).all(dim=1)
+    own = scores.gather(1, y.view(-1, 1)).squeeze(1)
+    others = scores.scatter(1, y.view(-1, 1), float('-inf')).max(dim=1).values
+    return finite & (own - others > rtol * (1.0 + own.abs()))
+
+
+def correct_predictions(logits, y):
+    """Bool [B]: the clean prediction is the label (finite logits, no tie)."""
+    return strictly_first(logits, y)
+
+
+def certified_predictions(out, y):
+    """Bool [B] from a BoundOutput: correct clean prediction, finite Lipschitz product and worst-case
+    logits, and the label's worst-case logit first by more than the margin (``MARGIN_RTOL``)."""
+    return (correct_predictions(out.logits, y) & torch.isfinite(out.lipschitz)
+            & strictly_first(out.worst, y, MARGIN_RTOL))
+
+
 def bound_outputs(model, x, y, eps, *, sniter, opt_iter, store=None, index=None, gloro=False,
                   bound='local', sp_thres=None, translation='label', power_grad='unrolled'):
     """One bound pass: clean logits, worst-case logits, Lipschitz product and sparsity term.
@@ -819,10 +859,10 @@ def worst_case_logits(model, x, y, eps, *, sniter, opt_iter, store=None, index=N
 
 @torch.no_grad()
 def certify(model, x, y, eps, *, sniter=2000, opt_iter=1000, bound='local', store=None, index=None):
-    """Bool [B]: True where the worst-case logits still rank the true label first."""
-    worst = bound_outputs(model, x, y, eps, sniter=sniter, opt_iter=opt_iter, bound=bound,
-                          store=store, index=index).worst
-    return worst.argmax(dim=1) == y
+    """Bool [B]: True where the example is certified (see ``certified_predictions``)."""
+    out = bound_outputs(model, x, y, eps, sniter=sniter, opt_iter=opt_iter, bound=bound,
+                        store=store, index=index)
+    return certified_predictions(out, y)
 
 
 @torch.no_grad()
