@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import attacks
 import data_load
 import local_bound
 import utils
@@ -381,8 +382,8 @@ def evaluate_pgd(model, loader, args, runtime):
     wrong = total = 0
     for x, y, _ in _progress(loader, runtime, 'PGD'):
         x, y = x.to(runtime.device), y.to(runtime.device)
-        adv = utils.pgd_l2(model, x, y, args.epsilon, steps=args.niter, alpha=args.alpha,
-                           restarts=args.restarts)
+        adv = attacks.pgd(model, x, y, args.epsilon, norm=2, steps=args.niter, step_size=args.alpha,
+                          random_start='image', order='clip_project', restarts=args.restarts)
         with torch.no_grad():
             wrong += (model(adv).argmax(1) != y).sum().item()
         total += len(y)

@@ -371,57 +371,6 @@ def make_scheduler(args, optimizer):
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.wd_list, gamma=args.gamma)
 
 
-# ----------------------------------------------------------------------------- attack
-
-def pgd_l2(model, x, y, eps, *, steps=100, alpha=None, restarts=1, clip=(0.0, 1.0)):
-    """Untargeted L2 PGD with a random start in the ball; returns the strongest adversarial inputs.
-
-    Maximises the summed cross-entropy; each step moves ``alpha`` along the normalised gradient,
-    projects onto the eps-ball around ``x`` and clips to ``clip``. With several restarts an example
-    keeps the first restart that misclassifies it (else the last restart).
-    """
-    alpha = eps / 4 if alpha is None else alpha
-    was_training = model.training
-    model.eval()
-    best = x.clone()
-    fooled = torch.zeros(x.size(0), dtype=torch.bool, device=x.device)
-    for _ in range(restarts):
-        adv = _pgd_run(model, x, y, eps, steps, alpha, clip)
-        with torch.no_grad():
-            wrong = model(adv).argmax(1) != y
-        best[~fooled] = adv[~fooled]
-        fooled |= wrong
-    model.train(was_training)
-    return best
-
-
-def _pgd_run(model, x, y, eps, steps, alpha, clip):
-    delta = _random_in_ball(x, eps)
-    delta = (x + delta).clamp(*clip) - x
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        loss = F.cross_entropy(model(x + delta), y, reduction='sum')
-        grad, = torch.autograd.grad(loss, delta)
-        with torch.no_grad():
-            delta = delta + alpha * grad / _batch_norm(grad).clamp_min(1e-12)
-            delta = delta * (eps / _batch_norm(delta).clamp_min(eps)).clamp(max=1.0)
-            delta = (x + delta).clamp(*clip) - x
-    return (x + delta).detach()
-
-
-def _batch_norm(t):
-    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
-
-
-def _random_in_ball(x, eps):
-    """Uniform samples in the L2 ball of radius eps around 0, shaped like x."""
-    d = x[0].numel()
-    direction = torch.randn_like(x)
-    direction = direction / _batch_norm(direction).clamp_min(1e-12)
-    radius = eps * torch.rand(x.size(0), device=x.device) ** (1.0 / d)
-    return direction * radius.view(-1, *([1] * (x.dim() - 1)))
-
-
 # ----------------------------------------------------------------------------- logging
 
 class AverageMeter:

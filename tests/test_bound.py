@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import attacks
 import local_bound as lb
 import utils
 from utils import ClampGroupSort, Flatten, ReLU_x
@@ -946,7 +947,7 @@ def test_pgd_never_breaks_a_certified_point(trained):
     assert int(cert.sum()) >= 1, 'vacuous: nothing certified'
     with torch.no_grad():
         assert torch.all(model(x)[cert].argmax(1) == y[cert]), 'a certified point is misclassified'
-    adv = utils.pgd_l2(model, x, y, eps, steps=50, alpha=eps / 4, restarts=3, clip=(-1e6, 1e6))
+    adv = attacks.pgd(model, x, y, eps, norm=2, steps=50, step_size=eps / 4, restarts=3, clip=None)
     assert torch.all((adv - x).flatten(1).norm(dim=1) <= eps * (1 + 1e-5))
     with torch.no_grad():
         broken = model(adv).argmax(1) != y
