@@ -317,3 +317,48 @@ def fast_loaders(data, data_dir, batch_size, test_batch_size, *, device, augment
     test_loader = DeviceTensorLoader.from_dataset(test_set, test_batch_size, device=device,
                                                   normalization=stats)
     return train_loader, test_loader
+
+
+# ----------------------------------------------------------------------------- lolip's data sets
+# SVHN and Restricted ImageNet (used by lolip/, SPEC_lolip section 5); images in [0, 1], no
+# normalisation, batches through make_loaders.
+
+RESTRICTED_IMAGENET_FOLDER = 'restricted_imagenet'
+
+
+def svhn_datasets(data_dir, download=False):
+    """(train, test) SVHN splits (no "extra"), as tensors in [0, 1]."""
+    pair = []
+    try:
+        for split in ('train', 'test'):
+            pair.append(datasets.SVHN(data_dir, split=split, transform=transforms.ToTensor(),
+                                      download=download))
+    except _TORCHVISION_LOAD_ERRORS as error:
+        raise DataNotFoundError(_missing_message(
+            'SVHN', data_dir, 'train_32x32.mat and test_32x32.mat', download)) from error
+    return tuple(pair)
+
+
+def restricted_imagenet_datasets(data_dir, augmentation=True):
+    """(train, val) ImageFolders of Restricted ImageNet, 9 super-classes in alphabetical order.
+
+    Reads ``<data_dir>/restricted_imagenet/{train,val}/<super-class>/`` as written by
+    ``python -m lolip.prepare_restricted_imagenet``. Train: resize 72, random crop 64 with padding
+    8 (no flip); val: resize 72, centre crop 64.
+    """
+    root = Path(data_dir) / RESTRICTED_IMAGENET_FOLDER
+    if not (root / 'train').is_dir() or not (root / 'val').is_dir():
+        raise DataNotFoundError(
+            f'Restricted ImageNet not found under {root} (needs train/ and val/); build it from '
+            f'an ImageNet folder: python -m lolip.prepare_restricted_imagenet '
+            f'--imagenet IMAGENET_DIR --data_dir {data_dir}')
+    crop = (transforms.RandomCrop(64, padding=8) if augmentation else transforms.CenterCrop(64))
+    train_transform = transforms.Compose([transforms.Resize(72), crop, transforms.ToTensor()])
+    val_transform = transforms.Compose([transforms.Resize(72), transforms.CenterCrop(64),
+                                        transforms.ToTensor()])
+    try:
+        return (datasets.ImageFolder(root / 'train', transform=train_transform),
+                datasets.ImageFolder(root / 'val', transform=val_transform))
+    except OSError as error:
+        raise DataNotFoundError(f'Restricted ImageNet under {root} is unreadable ({error}); '
+                                f'run python -m lolip.prepare_restricted_imagenet again') from error
