@@ -195,8 +195,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing or does not fit the requested model (one-line message)."""
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or inf (one-line message naming where)."""
+
+
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a torn checkpoint."""
+    """torch.save to a temporary file, then rename: a crash never leaves a torn checkpoint.
+
+    Refuses (NonFiniteError, nothing written) an object holding a NaN or inf tensor.
+    """
+    bad = first_non_finite(obj)
+    if bad is not None:
+        raise NonFiniteError(f'not writing {path}: {bad} holds NaN or inf values')
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = f'{path}.tmp{os.getpid()}'
     torch.save(obj, tmp)
@@ -225,7 +235,24 @@ def load_weights(model, state_dict, path, model_name):
             f'unexpected {unexpected[:4]}' if unexpected else '',
             f'shape mismatch {shapes[:3]}' if shapes else '']))
         raise CheckpointError(f'{path} does not fit --model {model_name}: {detail}')
+    bad = first_non_finite(state_dict)
+    if bad is not None:
+        raise CheckpointError(f'{path}: tensor {bad} holds NaN or inf values; refusing to load it')
     model.load_state_dict(state_dict)
+
+
+def first_non_finite(tensors):
+    """Name of the first floating tensor of a (nested) dict/list holding NaN or inf, else None."""
+    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors)
+    for name, value in items:
+        if torch.is_tensor(value):
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                return str(name)
+        elif isinstance(value, (dict, list, tuple)):
+            inner = first_non_finite(value)
+            if inner is not None:
+                return f'{name}.{inner}'
+    return None
 
 
 def load_model(path, data, model_name, init=1.0, device='cpu'):
@@ -268,7 +295,9 @@ def bound_options(args, training):
     """Keyword options of the bound pass for training or test time."""
     return dict(sniter=args.sniter if training else args.test_sniter,
                 opt_iter=args.opt_iter if training else args.test_opt_iter,
-                gloro=args.gloro, bound=args.bound, translation=getattr(args, 'translation', 'label'),
+                gloro=args.gloro, bound=args.bound,
+                method='power' if training else getattr(args, 'spectral', 'power'),
+                translation='iterative' if training else getattr(args, 'translation', 'iterative'),
                 sp_thres=getattr(args, 'sp_thres', None) if getattr(args, 'sparse', 0) else None,
                 power_grad=getattr(args, 'power_grad', 'unrolled'))
 
@@ -289,13 +318,37 @@ def train_clean_epoch(net, loader, optimizer, args, runtime, epoch, logger):
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        utils.clamp_thresholds(_plain(net))
-        wrong = (logits.argmax(1) != y).sum().item()
+        # fp16 loss scaling skips steps with inf gradients by design: check parameters only then
+        check_step(_plain(net), epoch, i, loss.item(), grads=not scaler.is_enabled())
+        wrong = (~local_bound.correct_predictions(logits.float(), y)).sum().item()
         sums[0] += loss.item() * len(y)
         sums[3] += wrong
         count += len(y)
         _log_batch(logger, args, epoch, i, len(loader), loss.item(), wrong / len(y))
     return _summed(runtime, sums, count)
+
+
+def check_step(model, epoch, batch, loss, *, grads=True):
+    """Stop (NonFiniteError) on a non-finite loss, gradient (``grads``) or, after the step, parameter.
+
+    Call after ``optimizer.step()``: one device sync for the whole model when all is well.
+    """
+    where = f'epoch {epoch}, batch {batch}'
+    if not math.isfinite(loss):
+        raise NonFiniteError(f'{where}: the training loss is {loss}')
+    named = list(model.named_parameters())
+    checks = [torch.isfinite(p).all() for _, p in named]
+    if grads:
+        checks += [torch.isfinite(p.grad).all() for _, p in named if p.grad is not None]
+    if bool(torch.stack(checks).all()):
+        return
+    if grads:
+        for name, p in named:
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise NonFiniteError(f'{where}: the gradient of {name} holds NaN or inf values')
+    for name, p in named:
+        if not torch.isfinite(p).all():
+            raise NonFiniteError(f'{where}: parameter {name} became NaN or inf after the optimiser step')
 
 
 def _amp_dtype(runtime):
@@ -318,9 +371,10 @@ def train_robust_epoch(net, loader, optimizer, args, runtime, epoch, eps, kappa,
         loss.backward()
         optimizer.step()
         utils.clamp_thresholds(_plain(net))
+        check_step(_plain(net), epoch, i, loss.item())
         n = len(y)
-        wrong = (logits.argmax(1) != y).sum().item()
-        robust_wrong = (worst.argmax(1) != y).sum().item()
+        wrong = (~local_bound.correct_predictions(logits, y)).sum().item()
+        robust_wrong = (~local_bound.strictly_first(worst, y)).sum().item()
         for k, value in enumerate((ce.item() * n, robust.item() * n, sparsity.item() * n, wrong, robust_wrong)):
             sums[k] += value
         count += n
@@ -351,7 +405,7 @@ def evaluate_clean(model, loader, runtime):
     wrong = total = 0
     for x, y, _ in _progress(loader, runtime, 'clean test'):
         x, y = x.to(runtime.device), y.to(runtime.device)
-        wrong += (model(x).argmax(1) != y).sum().item()
+        wrong += (~local_bound.correct_predictions(model(x), y)).sum().item()
         total += len(y)
     wrong, total = runtime.sum([wrong, total])
     return wrong / max(total, 1), int(total)
@@ -367,8 +421,8 @@ def evaluate_certified(model, loader, args, runtime, eps, store=None):
     for x, y, index in _progress(loader, runtime, f'certify eps={eps:.4f}'):
         x, y = x.to(runtime.device), y.to(runtime.device)
         out = local_bound.bound_outputs(model, x, y, eps, store=store, index=index, **options)
-        wrong += (out.logits.argmax(1) != y).sum().item()
-        uncertified += (out.worst.argmax(1) != y).sum().item()
+        wrong += (~local_bound.correct_predictions(out.logits, y)).sum().item()
+        uncertified += (~local_bound.certified_predictions(out, y)).sum().item()
         loss += F.cross_entropy(out.worst, y, reduction='sum').item()
         total += len(y)
     wrong, uncertified, loss, total = runtime.sum([wrong, uncertified, loss, total])
@@ -385,7 +439,7 @@ def evaluate_pgd(model, loader, args, runtime):
         adv = attacks.pgd(model, x, y, args.epsilon, norm=2, steps=args.niter, step_size=args.alpha,
                           random_start='image', order='clip_project', restarts=args.restarts)
         with torch.no_grad():
-            wrong += (model(adv).argmax(1) != y).sum().item()
+            wrong += (~local_bound.correct_predictions(model(adv), y)).sum().item()
         total += len(y)
     wrong, total = runtime.sum([wrong, total])
     return wrong / max(total, 1)
@@ -497,6 +551,7 @@ def _resume(model, optimizer, scheduler, stores, args, runtime, logger):
     load_weights(model, state['state_dict'], path, args.model)
     optimizer.load_state_dict(state['optimizer'])
     scheduler.load_state_dict(state['scheduler'])
+    _apply_new_lr(optimizer, scheduler, state.get('args', {}).get('lr'), args.lr, logger)
     torch.set_rng_state(state['rng'].cpu())
     if state.get('cuda_rng') is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda_rng']])
@@ -511,6 +566,18 @@ def _resume(model, optimizer, scheduler, stores, args, runtime, logger):
         logger.info('singular-vector stores start afresh (no --save_store file)')
     logger.info(f"resumed from {path}: epoch {state['epoch']} done, best error {state['best_err']:.4f}")
     return state['epoch'] + 1, state['best_err']
+
+
+def _apply_new_lr(optimizer, scheduler, saved_lr, lr, logger):
+    """A --resume with a different --lr rescales the schedule to the new base lr (the usual cure
+    after a run stopped on NaN); the schedule's progress is kept."""
+    if saved_lr is None or saved_lr == lr:
+        return
+    for group in optimizer.param_groups:
+        group['lr'] *= lr / saved_lr
+        group['initial_lr'] = lr
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    logger.info(f'resuming with --lr {lr:g} (the checkpoint was trained with {saved_lr:g})')
 
 
 def train(args, runtime, logger, train_set=None, test_set=None):
@@ -609,7 +676,7 @@ def evaluate_all(model, loader, args, runtime, logger, store=None):
 
 # ----------------------------------------------------------------------------- entry point
 
-USER_ERRORS = (data_load.DataNotFoundError, CheckpointError)
+USER_ERRORS = (data_load.DataNotFoundError, CheckpointError, local_bound.BoundError)
 
 
 def main(parse, train_set=None, test_set=None):
@@ -627,6 +694,11 @@ def main(parse, train_set=None, test_set=None):
     except USER_ERRORS as error:
         print(f'error: {error}', file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as error:
+        logger.debug(f'stopped: {error}')
+        print(f'error: {error}. Stopped; {args.prefix}_checkpoint.pth and _best.pth hold the last good '
+              'epoch: lower --lr (or fix the data/flags) and rerun with --resume', file=sys.stderr)
+        sys.exit(3)
     except KeyboardInterrupt:
         logger.info(f'interrupted; finished epochs are in {args.prefix}_checkpoint.pth, rerun with --resume')
         sys.exit(130)

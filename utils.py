@@ -209,6 +209,12 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
     g.add_argument('--test_sniter', type=int, default=100)
     g.add_argument('--test_opt_iter', type=int, default=1000)
     g.add_argument('--gloro', action='store_true', help='GloRo loss with an extra "bottom" logit')
+    g.add_argument('--spectral', choices=['power', 'lanczos'], default='power',
+                   help='per-sample masked spectral norms at test time: power = the authors\' power '
+                        'iteration (--test_sniter rounds), lanczos = Krylov iteration with per-sample stopping')
+    g.add_argument('--translation', choices=['iterative', 'exact'], default='iterative',
+                   help='last-layer worst case at test time: iterative = the authors\' clip-and-rescale '
+                        '(--test_opt_iter rounds), exact = the closed form solved by bisection')
     g = p.add_argument_group('optimiser')
     g.add_argument('--opt', choices=['adam', 'sgd'], default='adam')
     g.add_argument('--lr', type=float, default=lr)
@@ -296,8 +302,7 @@ def finish_args(parser, args, end_lr_default=None):
     if args.warmup + args.rampup >= args.epochs:
         parser.error(f'--warmup + --rampup ({args.warmup + args.rampup}) must be below --epochs ({args.epochs}): '
                      'the best model is kept from the end of the ramp-up on')
-    if args.epsilon < 0 or args.epsilon_train < 0 or args.starting_epsilon < 0:
-        parser.error('epsilons must be >= 0')
+    check_numbers(parser, args)
     if args.loader == 'device' and args.data == 'tinyimagenet':
         parser.error('--loader device holds MNIST/CIFAR-10 on the device; TinyImageNet is read from '
                      'image folders (use --loader torch or auto)')
@@ -317,6 +322,43 @@ def finish_args(parser, args, end_lr_default=None):
     base = args.prefix or 'temporary'
     args.prefix = os.path.join('pretrained', f'{base}_{args.model}')
     return args
+
+
+# (low, high, low inclusive, high inclusive) of every real-valued flag; None = unbounded.
+FLOAT_RANGES = {
+    'epsilon': (0, None, True, False), 'epsilon_train': (0, None, True, False),
+    'starting_epsilon': (0, None, True, False), 'kappa': (0, 1, True, True),
+    'starting_kappa': (0, 1, True, True), 'lr': (0, None, False, False), 'end_lr': (0, None, False, False),
+    'momentum': (0, 1, True, False), 'weight_decay': (0, None, True, False), 'gamma': (0, None, False, False),
+    'alpha': (0, None, False, False), 'init': (0, None, True, False), 'sparse': (0, None, True, False),
+    'sp_thres': (0, None, True, False),
+}
+
+
+def _range_text(low, high, low_in, high_in):
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def check_numbers(parser, args):
+    """Every real-valued flag finite and in its range (``FLOAT_RANGES``); else one-line exit."""
+    for name, value in sorted(vars(args).items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f'--{name} must be a finite number, not {value}')
+    for name, (low, high, low_in, high_in) in FLOAT_RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        above = value >= low if low_in else value > low
+        below = high is None or (value <= high if high_in else value < high)
+        if not (above and below):
+            parser.error(f'--{name} must be {_range_text(low, high, low_in, high_in)}, not {value}')
+    for name in ('step_size',):
+        if getattr(args, name, 1) < 1:
+            parser.error(f'--{name} must be at least 1')
+    if getattr(args, 'wd_list', None) and min(args.wd_list) < 0:
+        parser.error('--wd_list milestones must be >= 0')
 
 
 def default_device():

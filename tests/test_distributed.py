@@ -121,9 +121,14 @@ def store_lines(stdout):
             for name, rank, count, mib in re.findall(pattern, stdout)}
 
 
+# Plain SGD, not Adam: Adam divides by the root of the squared gradient, so float noise in a
+# near-zero gradient (summed in another order on 2 ranks) becomes a full lr-sized step of either
+# sign and the comparison below would measure noise. With SGD a gradient difference of size g
+# moves a parameter by lr * g, so 2 ranks and 1 process agree to float precision times lr.
 TRAIN_FLAGS = ['--epochs', '3', '--rampup', '1', '--test_batch_size', '8', '--workers', '0',
                '--test_sniter', '3', '--test_opt_iter', '3', '--niter', '2', '--no_shuffle',
-               '--epsilon', '0.5', '--epsilon_train', '0.5', '--lr', '3e-3', '--verbose', '1']
+               '--epsilon', '0.5', '--epsilon_train', '0.5', '--opt', 'sgd', '--lr', '0.02',
+               '--momentum', '0.9', '--verbose', '1']
 
 
 @pytest.fixture(scope='module')
