@@ -1,0 +1,177 @@
+"""Certified radius of every example: the largest L2 eps at which ``local_bound.certify`` holds.
+
+Search. Every example of a batch is first certified on a shared grid of eps values (``grid``
+evenly spaced points up to ``eps_max``, plus ``anchors`` such as the evaluation eps and the
+paper's radii): one bound pass over the whole batch per grid point. Each example's bracket is
+then [last grid point before its first failure, first failure], and the brackets of all examples
+are bisected together: at every step each example is certified at its own midpoint, one
+``certify`` call per distinct midpoint (``certify`` takes one eps per call), so masks are
+recomputed at every probed eps. After ``steps = ceil(log2(widest grid gap / tol))`` steps the
+reported radius is certified and the upper end, ``radius + tol`` at most, is not: ``tol`` is an
+absolute tolerance in eps units. Misclassified examples get radius 0; examples still certified at
+``eps_max`` get radius ``eps_max`` (``capped``).
+
+Monotonicity. Bisection assumes that an example certified at some eps is certified at every
+smaller eps. The grid checks this: an example certified at a grid point above its first failure
+is counted as non-monotone (``monotone`` False). Its radius is still the first crossing from
+below, so it is never above a failure seen on the grid. Because the anchors are grid points, for
+a monotone example ``radius >= t`` holds exactly when ``certify`` holds at anchor t.
+"""
+import csv
+import math
+
+import torch
+from tqdm import tqdm
+
+import local_bound
+
+PAPER_RADII = {'mnist': (1.58,), 'cifar10': (36 / 255, 72 / 255, 108 / 255),
+               'tinyimagenet': (36 / 255, 72 / 255, 108 / 255)}
+RADIUS_COLUMNS = ('index', 'label', 'prediction', 'radius', 'local_bound', 'local_bound_eps', 'global_bound')
+
+
+def probe_grid(eps_max, grid, anchors=()):
+    """Sorted float64 grid: ``eps_max * k / grid`` for k = 1..grid plus the anchors in (0, eps_max)."""
+    if eps_max <= 0 or grid < 1:
+        raise ValueError(f'need eps_max > 0 and grid >= 1 (got {eps_max}, {grid})')
+    points = {eps_max * k / grid for k in range(1, grid + 1)}
+    points.update(float(a) for a in anchors if 0 < a < eps_max)
+    return torch.tensor(sorted(points), dtype=torch.float64)
+
+
+def bisection_steps(points, tol):
+    """Steps that shrink the widest bracket of ``points`` (starting at 0) to ``tol`` or less."""
+    if tol <= 0:
+        raise ValueError(f'tol must be positive, not {tol}')
+    widest = float(torch.diff(points, prepend=points.new_zeros(1)).max())
+    return max(0, math.ceil(math.log2(widest / tol)))
+
+
+def per_eps(eps, fn):
+    """``fn(rows, e)`` once per distinct value e of the [B] tensor ``eps``; results put back in order."""
+    out = None
+    for value in torch.unique(eps):
+        rows = (eps == value).nonzero().squeeze(1)
+        part = fn(rows, float(value)).cpu()
+        if out is None:
+            out = part.new_empty(len(eps))
+        out[rows] = part
+    return out
+
+
+def _certifier(model, x, y, options, store, index):
+    """``certify(rows, eps)``: the certificate of examples ``rows`` at one eps (bool, CPU)."""
+    def certify(rows, eps):
+        on_device = rows.to(x.device)
+        subset = None if index is None else index[rows.to(index.device)]
+        return local_bound.certify(model, x[on_device], y[on_device], eps, store=store, index=subset,
+                                   **options).cpu()
+    return certify
+
+
+def _grid_brackets(table, correct, points):
+    """From the grid certificates [B, G]: (lower end, upper end, first failure, monotone)."""
+    count = table.size(1)
+    table = table & correct.unsqueeze(1)
+    failed = ~table
+    first = torch.where(failed.any(1), failed.to(torch.uint8).argmax(1), torch.full_like(correct, count, dtype=torch.long))
+    padded = torch.cat([points.new_zeros(1), points])
+    lower = padded[first]
+    upper = torch.where(first < count, points[first.clamp(max=count - 1)], torch.full_like(lower, math.inf))
+    above = torch.arange(count).unsqueeze(0) > first.unsqueeze(1)
+    monotone = ~(table & above).any(1)
+    return lower, upper, first, monotone
+
+
+@torch.no_grad()
+def certified_radii(model, x, y, *, eps_max, tol=1e-3, grid=8, anchors=(), eval_eps=None,
+                    sniter=2000, opt_iter=1000, bound='local', store=None, index=None):
+    """Certified radius of every example of the batch, by batched bisection (module docstring).
+
+    ``sniter``/``opt_iter``/``bound``/``store``/``index`` go to ``local_bound.certify``. Returns
+    a dict of CPU tensors [B]: ``prediction``, ``correct``, ``radius`` (certified, float64),
+    ``upper`` (smallest eps found not certified; inf when capped, 0 when misclassified),
+    ``capped``, ``monotone``, ``local_bound`` (``local_bound.local_lipschitz`` at the radius) and,
+    when ``eval_eps`` is given, ``local_bound_eps`` (at ``eval_eps``); plus the numbers ``tol``,
+    ``steps`` (bisection steps run) and ``non_monotone`` (count of examples not monotone).
+    """
+    options = dict(sniter=sniter, opt_iter=opt_iter, bound=bound)
+    certify = _certifier(model, x, y, options, store, index)
+    logits = model(x)
+    prediction = logits.argmax(1).cpu()
+    correct = local_bound.correct_predictions(logits, y).cpu()
+    points = probe_grid(eps_max, grid, anchors)
+    everyone = torch.arange(len(y))
+    table = torch.stack([certify(everyone, float(e)) for e in points], dim=1)
+    lower, upper, first, monotone = _grid_brackets(table, correct, points)
+    steps = bisection_steps(points, tol)
+    searching = (correct & (first < len(points))).nonzero().squeeze(1)
+    for _ in range(steps if len(searching) else 0):
+        middle = (lower[searching] + upper[searching]) / 2
+        ok = per_eps(middle, lambda rows, e: certify(searching[rows], e))
+        lower[searching] = torch.where(ok, middle, lower[searching])
+        upper[searching] = torch.where(ok, upper[searching], middle)
+    upper = torch.where(correct, upper, torch.zeros_like(upper))
+    result = {'prediction': prediction, 'correct': correct, 'radius': lower, 'upper': upper,
+              'capped': correct & (first == len(points)), 'monotone': monotone,
+              'local_bound': per_eps(lower, lambda rows, e: local_bound.local_lipschitz(
+                  model, x[rows.to(x.device)], e, sniter=sniter)),
+              'tol': tol, 'steps': steps, 'non_monotone': int((~monotone).sum())}
+    if eval_eps is not None:
+        result['local_bound_eps'] = local_bound.local_lipschitz(model, x, eval_eps, sniter=sniter).cpu()
+    return result
+
+
+def radius_rows(result, index, label, global_bound):
+    """CSV rows (dicts keyed by ``RADIUS_COLUMNS``) of one ``certified_radii`` result."""
+    local_eps = result.get('local_bound_eps')
+    rows = []
+    for i in range(len(result['radius'])):
+        rows.append({'index': int(index[i]), 'label': int(label[i]),
+                     'prediction': int(result['prediction'][i]), 'radius': float(result['radius'][i]),
+                     'local_bound': float(result['local_bound'][i]),
+                     'local_bound_eps': '' if local_eps is None else float(local_eps[i]),
+                     'global_bound': global_bound})
+    return rows
+
+
+def dataset_radii(model, loader, *, device, eps_max, eval_eps=None, anchors=(), global_bound=None,
+                  progress=True, store=None, **options):
+    """``certified_radii`` over a loader of ``(x, y, index)`` batches.
+
+    ``global_bound``: the value of the CSV's global_bound column (default
+    ``local_bound.global_lipschitz`` of the model on the loader's input shape). ``options``:
+    ``tol``, ``grid``, ``sniter``, ``opt_iter``, ``bound``. Returns (rows for
+    ``write_radius_csv``, summary dict with ``examples``, ``non_monotone``, ``capped``, ``tol``
+    and ``steps``).
+    """
+    anchors = tuple(anchors) + ((eval_eps,) if eval_eps is not None else ())
+    rows, summary = [], {'examples': 0, 'non_monotone': 0, 'capped': 0}
+    for x, y, index in tqdm(loader, desc=f'certified radii (eps <= {eps_max:g})', disable=not progress,
+                            leave=False):
+        x, y = x.to(device), y.to(device)
+        if global_bound is None:
+            global_bound = local_bound.global_lipschitz(model, sniter=options.get('sniter', 2000),
+                                                        input_shape=x.shape[1:])
+        result = certified_radii(model, x, y, eps_max=eps_max, eval_eps=eval_eps, anchors=anchors,
+                                 store=store, index=index if store is not None else None, **options)
+        rows += radius_rows(result, index, y.cpu(), global_bound)
+        summary['examples'] += len(y)
+        summary['non_monotone'] += result['non_monotone']
+        summary['capped'] += int(result['capped'].sum())
+        summary.update(tol=result['tol'], steps=result['steps'])
+    return rows, summary
+
+
+def write_radius_csv(path, rows):
+    """Write ``rows`` (dicts keyed by ``RADIUS_COLUMNS``) with a header line."""
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=RADIUS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def certified_accuracy_at(radii, thresholds):
+    """``{t: fraction of examples with radius >= t}`` for every threshold t."""
+    radii = torch.as_tensor(radii, dtype=torch.float64)
+    return {t: float((radii >= t).to(torch.float64).mean()) if len(radii) else 0.0 for t in thresholds}
