@@ -1,0 +1,127 @@
+"""plots.py on the CSVs of two small synthetic runs: files written, plotted series equal the CSV values."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import plots
+
+METRICS_HEADER = ['epoch', 'eps', 'kappa', 'lr', 'loss', 'err', 'robust_loss', 'robust_err', 'test_eps',
+                  'test_err', 'test_cert_err', 'lip_local_median', 'lip_local_mean', 'lip_global',
+                  'varying_1', 'varying_3', 'varying_6', 'time']
+RADIUS_HEADER = ['index', 'label', 'prediction', 'radius', 'local_bound', 'local_bound_eps', 'global_bound']
+
+
+def write_run(folder, name, seed, bound):
+    """A run of 6 epochs (the first 2 plain warm-up, empty bound cells) and 40 test examples."""
+    rng = np.random.default_rng(seed)
+    prefix = str(folder / f'{name}_relux')
+    with open(prefix + '_metrics.csv', 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(METRICS_HEADER)
+        for epoch in range(6):
+            warm = epoch < 2
+            cells = [''] * 10 if warm else [round(float(v), 6) for v in rng.uniform(0.1, 3.0, 6)] + \
+                [round(float(v), 6) for v in rng.uniform(0, 1, 3)] + ['']
+            writer.writerow([epoch, 0.0 if warm else 0.3 * epoch, 1.0, 1e-3, rng.uniform(0.1, 2.3),
+                             rng.uniform(0, 1)] + cells[:2] + [0.3, rng.uniform(0, 1)] + cells[2:3]
+                            + cells[3:6] + cells[6:9] + [12.5])
+    global_bound = 40.0
+    with open(prefix + '_radius.csv', 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(RADIUS_HEADER)
+        for i in range(40):
+            radius = 0.0 if i % 7 == 0 else float(rng.uniform(0, 2))
+            writer.writerow([i, i % 10, i % 10, radius, rng.uniform(5, 40), rng.uniform(5, 40), global_bound])
+    with open(prefix + '_args.json', 'w') as f:
+        json.dump({'model': 'relux', 'data': 'mnist', 'epsilon': 1.58, 'bound': bound}, f)
+    return prefix
+
+
+def columns(path):
+    """CSV columns as float lists, read independently of plots.read_csv (empty cells skipped later)."""
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    return {c: [float(r[c]) if r[c] else None for r in rows] for c in rows[0]}
+
+
+def line(ax, label):
+    found = [ln for ln in ax.get_lines() if ln.get_label() == label or ln.get_label().startswith(label + ' (')]
+    assert len(found) == 1, [ln.get_label() for ln in ax.get_lines()]
+    return found[0]
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    return [write_run(tmp_path, 'local', 0, 'local'), write_run(tmp_path, 'global', 1, 'global')]
+
+
+def test_cli_writes_png_and_pdf(two_runs, tmp_path):
+    out = tmp_path / 'figures'
+    written = plots.main(['--runs', *two_runs, '--names', 'local', 'global', '--out', str(out)])
+    for stem in plots.FIGURES:
+        for ext in ('png', 'pdf'):
+            path = out / f'{stem}.{ext}'
+            assert str(path) in written and path.stat().st_size > 5000
+        assert (out / f'{stem}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_certified_accuracy_curve_is_the_csv(two_runs):
+    runs = [plots.load_run(p, n) for p, n in zip(two_runs, ['local', 'global'])]
+    fig = plots.certified_accuracy_figure(runs)
+    ax = fig.axes[0]
+    for prefix, name in zip(two_runs, ['local', 'global']):
+        radii = np.array(columns(prefix + '_radius.csv')['radius'])
+        curve = line(ax, name)
+        eps = curve.get_xdata()
+        expected = [100 * np.mean(radii >= e) for e in eps]
+        assert np.allclose(curve.get_ydata(), expected)
+        assert curve.get_ydata()[0] == pytest.approx(100 * np.mean(radii >= 0))
+    assert 'relux on mnist' in fig.axes[0].get_title() and '1.58' in fig.axes[0].get_title()
+
+
+def test_tightness_loss_and_varying_series_are_the_csv(two_runs):
+    runs = [plots.load_run(p, n) for p, n in zip(two_runs, ['local', 'global'])]
+    tight, loss, varying = plots.tightness_figure(runs), plots.loss_figure(runs), plots.varying_figure(runs)
+    for k, (prefix, name) in enumerate(zip(two_runs, ['local', 'global'])):
+        m = columns(prefix + '_metrics.csv')
+        bound_epochs = [e for e, v in zip(m['epoch'], m['lip_local_median']) if v is not None]
+        assert bound_epochs == [2, 3, 4, 5]
+        ratio = line(tight.axes[0], name)
+        assert list(ratio.get_xdata()) == bound_epochs
+        assert np.allclose(ratio.get_ydata(), [a / b for a, b in zip(m['lip_local_median'], m['lip_global'])
+                                               if a is not None])
+        r = columns(prefix + '_radius.csv')
+        per_example = np.array(r['local_bound_eps']) / np.array(r['global_bound'])
+        histogram = line(tight.axes[1], name)
+        counts = histogram.get_ydata()[:-1]
+        assert counts.sum() == 40
+        assert np.array_equal(counts, np.histogram(per_example, bins=histogram.get_xdata())[0])
+        assert f'median {np.median(per_example):.3f}' in histogram.get_label()
+        clean, robust = line(loss.axes[0], name), line(loss.axes[1], name)
+        assert np.allclose(clean.get_ydata(), m['loss'])
+        assert np.allclose(robust.get_ydata(), [v for v in m['robust_loss'] if v is not None])
+        panel = varying.axes[k]
+        assert panel.get_title() == name
+        for layer in (1, 3, 6):
+            values = [v for v in m[f'varying_{layer}'] if v is not None]
+            assert np.allclose(line(panel, f'layer {layer}').get_ydata(), values)
+
+
+def test_missing_files_end_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        plots.main(['--runs', str(tmp_path / 'nothing_relux')])
+    assert 'nothing_relux_metrics.csv' in str(stop.value.code) and '\n' not in str(stop.value.code)
+    with pytest.raises(SystemExit) as stop:
+        plots.main(['--runs', 'a', 'b', '--names', 'one'])
+    assert stop.value.code == 2 and '--names has 1 names for 2 runs' in capsys.readouterr().err
+
+
+def test_a_run_with_only_a_radius_csv_makes_only_that_figure(tmp_path, capsys):
+    prefix = write_run(tmp_path, 'eval', 2, 'local')
+    (tmp_path / 'eval_relux_metrics.csv').unlink()
+    written = plots.main(['--runs', prefix, '--out', str(tmp_path / 'out')])
+    assert sorted(p.rsplit('/', 1)[1] for p in written) == ['certified_accuracy.pdf', 'certified_accuracy.png',
+                                                          'tightness.pdf', 'tightness.png']
+    assert 'skipped (no data in these runs): loss, varying' in capsys.readouterr().err
