@@ -632,8 +632,8 @@ def test_bound_outputs_pairwise_equals_label():
     lb.global_lipschitz(model, sniter=3000, input_shape=(2, 7, 7))
     s1, s2 = twin_stores(model, (2, 7, 7), 3)
     index = torch.arange(3)
-    a = lb.bound_outputs(model, x, y, 0.2, sniter=200, opt_iter=1000, translation='label', store=s1, index=index)
-    b = lb.bound_outputs(model, x, y, 0.2, sniter=200, opt_iter=1000, translation='pairwise', store=s2, index=index)
+    a = lb.bound_outputs(model, x, y, 0.2, sniter=200, opt_iter=1000, layout='label', store=s1, index=index)
+    b = lb.bound_outputs(model, x, y, 0.2, sniter=200, opt_iter=1000, layout='pairwise', store=s2, index=index)
     torch.testing.assert_close(a.lipschitz, b.lipschitz, rtol=1e-6, atol=0)
     torch.testing.assert_close(a.worst, b.worst, rtol=1e-5, atol=1e-6)
 
@@ -1216,7 +1216,7 @@ def test_worst_case_loss_gradient_matches_finite_differences(net, mode):
     gloro = mode == 'gloro'
     global_start = None
     if mode == 'cold-global':
-        global_start = {i: torch.randn(1, *s, dtype=DT)
+        global_start = {i: torch.randn(1, *((l.out_features,) if isinstance(l, nn.Linear) else s), dtype=DT)
                         for i, (l, s) in zip([i for i, l in enumerate(model) if isinstance(l, (nn.Conv2d, nn.Linear))],
                                              affine_layers(model, shape))}
     else:

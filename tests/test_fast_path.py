@@ -62,10 +62,15 @@ def setup(data, name, batch=5, seed=0, trained_steps=0):
     x = torch.rand(batch, *shape)
     y = torch.randint(0, 10, (batch,))
     shapes = lb.affine_input_shapes(model, shape)
-    globals_ = {i: torch.randn(1, *s) for i, s in shapes.items()}
+    globals_ = {i: torch.randn(1, *global_shape(model[i], s)) for i, s in shapes.items()}
     starts = {i: torch.randn(batch, *s) for i, s in shapes.items()}
     eps = 0.4 if data == 'mnist' else 0.08
     return model, x, y, eps, globals_, starts
+
+
+def global_shape(layer, in_shape):
+    """The persistent global vector of a Linear layer lives in its output space, a conv's in its input."""
+    return (layer.out_features,) if isinstance(layer, torch.nn.Linear) else in_shape
 
 
 def ours(model, x, y, eps, globals_, starts, **options):
@@ -128,7 +133,7 @@ def test_gradients_equal_authors_layout(data, name):
 def test_label_translation_equals_pairwise(opt_iter):
     model, x, y, eps, globals_, starts = setup('cifar10', 'c6f2_relux')
     label, _ = ours(model, x, y, eps, globals_, starts, sniter=2, opt_iter=opt_iter)
-    pair, _ = ours(model, x, y, eps, globals_, starts, sniter=2, opt_iter=opt_iter, translation='pairwise')
+    pair, _ = ours(model, x, y, eps, globals_, starts, sniter=2, opt_iter=opt_iter, layout='pairwise')
     assert torch.allclose(label.worst, pair.worst, atol=1e-6, rtol=1e-6)
 
 
@@ -147,8 +152,8 @@ def test_power_grad_final_same_values(data, name):
 def test_power_grad_final_gradient_at_converged_vectors(data, name):
     """From converged start vectors both gradients are the top singular pair's u v^T."""
     model, x, y, eps, globals_, starts = setup(data, name, batch=3)
-    with torch.no_grad():   # converge the start vectors (and the global ones)
-        _, converged = ours(model, x, y, eps, globals_, starts, sniter=400, opt_iter=1)
+    with torch.no_grad():   # converge the start vectors (Ritz vectors to 1e-6) and the global ones
+        _, converged = ours(model, x, y, eps, globals_, starts, sniter=400, opt_iter=1, method='lanczos', tol=1e-6)
         global_converged = {i: v.clone() for i, v in lb.global_vectors_state(model).items()}
     grads = {}
     for mode in ('unrolled', 'final'):

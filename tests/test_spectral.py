@@ -1,0 +1,235 @@
+"""Lanczos masked spectral norms (spectral.py) against explicit matrices, power iteration and the
+authors' certification procedure.
+
+References never call the code under test: explicit matrices come from applying the layer to
+basis vectors, top singular values from ``torch.linalg.svdvals``. Single-threaded (small tensors on
+a shared CPU), under half a minute.
+"""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import local_bound as lb
+import spectral
+from utils import ReLU_x
+
+DT = torch.float64
+MNIST_MINI = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'mnist-mini'
+
+
+@pytest.fixture(autouse=True, scope='module')
+def single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def explicit(layer, in_shape):
+    """The bias-free layer as a dense [out_dim, in_dim] matrix (basis vectors through F.conv2d/F.linear)."""
+    n = math.prod(in_shape)
+    basis = torch.eye(n, dtype=layer.weight.dtype).view(n, *in_shape)
+    with torch.no_grad():
+        if isinstance(layer, nn.Linear):
+            out = F.linear(basis, layer.weight)
+        else:
+            out = F.conv2d(basis, layer.weight, None, layer.stride, layer.padding)
+    return out.reshape(n, -1).t()
+
+
+def svd_norms(matrix, in_mask, out_mask):
+    """Top singular value of ``diag(out_mask) M diag(in_mask)`` per sample."""
+    return torch.stack([torch.linalg.svdvals(matrix * o.reshape(-1, 1) * i.reshape(1, -1))[0]
+                        for i, o in zip(in_mask, out_mask)])
+
+
+def conv_case(dtype=DT, seed=0):
+    """A strided conv with masks that empty whole input channels, output channels, a whole sample's
+    input and a whole sample's output."""
+    torch.manual_seed(seed)
+    layer = nn.Conv2d(3, 4, 4, 2, 1).to(dtype)
+    shape = (3, 8, 8)
+    op = lb.make_operator(layer, shape)
+    in_mask = (torch.rand(6, *shape) < 0.7).to(dtype)
+    out_mask = (torch.rand(6, *op.out_shape) < 0.7).to(dtype)
+    in_mask[1, 0] = 0            # a whole input channel: empty columns
+    out_mask[2, 1:3] = 0         # two output channels: empty rows
+    in_mask[3] = 0               # nothing varies at the input: norm 0
+    out_mask[4] = 0              # nothing varies at the output: norm 0
+    in_mask[5], out_mask[5] = 1, 1
+    return layer, shape, op, in_mask, out_mask
+
+
+def test_lanczos_equals_svd_with_empty_rows_and_columns():
+    layer, shape, op, in_mask, out_mask = conv_case()
+    want = svd_norms(explicit(layer, shape), in_mask, out_mask)
+    u = torch.randn(6, *shape, dtype=DT)
+    with torch.no_grad():
+        for reorth in spectral.REORTHS:
+            sigma, final = spectral.lanczos_masked_norm(op, u, in_mask, out_mask, 300, 1e-10, reorth=reorth)
+            torch.testing.assert_close(sigma, want, rtol=1e-5, atol=1e-12)
+            assert torch.isfinite(final).all()
+            assert sigma[3] == 0 and sigma[4] == 0 and final[3].abs().max() == 0
+            nonempty = [0, 1, 2, 5]   # the Ritz vector: unit, on the input mask, a top singular vector
+            assert torch.allclose(final[nonempty].flatten(1).norm(dim=1), torch.ones(4, dtype=DT))
+            assert (final * (1 - in_mask)).abs().max() == 0
+            image = (op.linear(final * in_mask) * out_mask).flatten(1).norm(dim=1)
+            torch.testing.assert_close(image[nonempty], want[nonempty], rtol=1e-5, atol=0)
+
+
+def test_lanczos_float32_default_and_float64_option():
+    layer, shape, op, in_mask, out_mask = conv_case(torch.float32, seed=1)
+    want = svd_norms(explicit(layer, shape).double(), in_mask.double(), out_mask.double())
+    u = torch.randn(6, *shape)
+    with torch.no_grad():
+        sigma32, _ = spectral.lanczos_masked_norm(op, u, in_mask, out_mask, 300, 1e-6)
+        sigma64, _ = spectral.lanczos_masked_norm(op, u, in_mask, out_mask, 300, 1e-10, dtype=DT, reorth='full')
+    assert sigma32.dtype == torch.float32 and sigma64.dtype == torch.float32
+    torch.testing.assert_close(sigma32.double(), want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sigma64.double(), want, rtol=1e-6, atol=1e-9)
+
+
+def near_degenerate_linear(gap, seed=2):
+    """A 30x40 Linear layer with singular values 1, 1 - gap, then at most 0.9."""
+    gen = torch.Generator().manual_seed(seed)
+    left, _ = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=DT))
+    right, _ = torch.linalg.qr(torch.randn(40, 30, generator=gen, dtype=DT))
+    values = torch.cat([torch.tensor([1.0, 1.0 - gap], dtype=DT), torch.linspace(0.9, 0.1, 28, dtype=DT)])
+    layer = nn.Linear(40, 30).to(DT)
+    with torch.no_grad():
+        layer.weight.copy_(left @ torch.diag(values) @ right.t())
+    return layer
+
+
+def test_lanczos_near_degenerate_top_pair():
+    """Power iteration barely moves between two top singular values 1e-7 apart; Lanczos gets the norm."""
+    layer = near_degenerate_linear(1e-7)
+    op = lb.make_operator(layer, (40,))
+    ones_in, ones_out = torch.ones(3, 40, dtype=DT), torch.ones(3, 30, dtype=DT)
+    in_mask = ones_in.clone()
+    in_mask[1, ::3] = 0
+    out_mask = ones_out.clone()
+    out_mask[2, :5] = 0
+    want = svd_norms(layer.weight.detach(), in_mask, out_mask)
+    u = torch.randn(3, 40, dtype=DT)
+    with torch.no_grad():
+        sigma, _ = spectral.lanczos_masked_norm(op, u, in_mask, out_mask, 100, 1e-9)
+    torch.testing.assert_close(sigma, want, rtol=1e-5, atol=0)
+    assert abs(float(sigma[0]) - 1.0) < 1e-6
+
+
+def power_estimate(op, u, in_mask, out_mask, rounds):
+    """The power iteration's estimate |D_in W^T v| after exactly ``rounds`` rounds (no early stop)."""
+    return spectral.masked_spectral_norm(op, u, in_mask, out_mask, rounds, tol=0.0)[0]
+
+
+def assert_lanczos_at_least_power(op, u, in_mask, out_mask, rounds=(1, 2, 3, 5, 8, 13, 21, 40)):
+    for k in rounds:
+        power = power_estimate(op, u, in_mask, out_mask, k)
+        lanczos, _ = spectral.lanczos_masked_norm(op, u, in_mask, out_mask, k, tol=0.0)
+        slack = 1e-6 if u.dtype == torch.float32 else 1e-10   # rounding (EPS = 1e-12 in both)
+        assert torch.all(lanczos >= power * (1 - slack)), (k, (lanczos - power).min())
+
+
+@torch.no_grad()
+def test_lanczos_never_below_power_random_layers():
+    layer, shape, op, in_mask, out_mask = conv_case()
+    assert_lanczos_at_least_power(op, torch.randn(6, *shape, dtype=DT), in_mask, out_mask)
+    linear = near_degenerate_linear(1e-3)
+    op = lb.make_operator(linear, (40,))
+    masks = (torch.rand(4, 40) < 0.8).to(DT), (torch.rand(4, 30) < 0.8).to(DT)
+    assert_lanczos_at_least_power(op, torch.randn(4, 40, dtype=DT), *masks)
+
+
+@torch.no_grad()
+def test_lanczos_never_below_power_trained_layers(trained_mnist):
+    """Every masked layer of the short-trained MNIST model, with the masks of a real bound pass."""
+    model, x, _ = trained_mnist
+    state = lb.propagate(model, x[:16], 0.3, lb.PassOptions(sniter=100))
+    for rec in state.records:
+        u = torch.randn(16, *rec.op.in_shape)
+        assert_lanczos_at_least_power(rec.op, u, rec.in_mask, rec.out_mask, rounds=(1, 2, 4, 8, 16, 32))
+
+
+def test_lanczos_gradient_and_restarts():
+    """With autograd the norm is |M u| for the final Ritz vector (differentiable, between the Ritz
+    value and the true norm); restarts every few steps still converge."""
+    layer, shape, op, in_mask, out_mask = conv_case(seed=3)
+    want = svd_norms(explicit(layer, shape), in_mask, out_mask)
+    u = torch.randn(6, *shape, dtype=DT)
+    sigma, _ = spectral.lanczos_masked_norm(op, u, in_mask, out_mask, 400, 1e-10, krylov_dim=4)
+    sigma.sum().backward()
+    assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(sigma.detach(), want, rtol=1e-6, atol=1e-12)
+
+
+def test_precise_masked_norms_explicit_and_lanczos_agree():
+    layer, shape, op, in_mask, out_mask = conv_case(torch.float32, seed=4)
+    want = svd_norms(explicit(layer, shape).double(), in_mask.double(), out_mask.double())
+    small = spectral.precise_masked_norms(op, in_mask, out_mask)                      # explicit SVD
+    krylov = spectral.precise_masked_norms(op, in_mask, out_mask, explicit_limit=0)   # Lanczos, float64
+    assert small.dtype == DT and krylov.dtype == DT
+    torch.testing.assert_close(small, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(krylov, want, rtol=1e-6, atol=1e-12)
+    unmasked = spectral.precise_masked_norms(op, None, None, batch=2)
+    torch.testing.assert_close(unmasked, torch.linalg.svdvals(explicit(layer, shape).double())[0].expand(2))
+
+
+# ----------------------------------------------------------------------------- on real digits
+
+def small_mnist_model():
+    """A small ReLU-theta conv net for 28x28 digits (the 4C3F pattern, fewer channels)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, 1, 1), ReLU_x(torch.Size([1, 8, 28, 28]), 1.0),
+                         nn.Conv2d(8, 16, 4, 2, 1), ReLU_x(torch.Size([1, 16, 14, 14]), 1.0),
+                         nn.Flatten(), nn.Linear(3136, 64), ReLU_x(torch.Size([1, 64]), 1.0),
+                         nn.Linear(64, 10))
+
+
+@pytest.fixture(scope='module')
+def trained_mnist():
+    """(model, test images, test labels): 150 robust-loss steps on real digits (mnist-mini)."""
+    datasets = pytest.importorskip('torchvision.datasets')
+    if not (MNIST_MINI / 'MNIST' / 'raw').is_dir():
+        pytest.skip(f'no MNIST copy at {MNIST_MINI}')
+    train = datasets.MNIST(str(MNIST_MINI), train=True, download=False)
+    test = datasets.MNIST(str(MNIST_MINI), train=False, download=False)
+    images = lambda s, n: s.data[:n].float().unsqueeze(1) / 255  # noqa: E731
+    x, y = images(train, 4800), train.targets[:4800]
+    model = small_mnist_model()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for step in range(150):
+        batch = slice((step * 64) % 4800, (step * 64) % 4800 + 64)
+        worst = lb.worst_case_logits(model, x[batch], y[batch], 0.3, sniter=1, opt_iter=1)
+        loss = 0.5 * F.cross_entropy(model(x[batch]), y[batch]) + 0.5 * F.cross_entropy(worst, y[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for layer in model:
+            if isinstance(layer, ReLU_x):
+                layer.threshold.data.clamp_(min=0)
+    return model, images(test, 128), test.targets[:128]
+
+
+def test_certified_sets_equal_authors_procedure(trained_mnist):
+    """Lanczos + exact translation certify the same digits as the authors' procedure (power
+    iteration, 2,000 rounds with one batch-wide stop; 1,000 rounds of clip-and-rescale, pairwise),
+    with no Lipschitz bound more than 1e-4 below theirs."""
+    model, x, y = trained_mnist
+    with torch.no_grad():
+        lb.global_lipschitz(model, sniter=5000, input_shape=(1, 28, 28))   # both passes: converged global norms
+        torch.manual_seed(1)
+        theirs = lb.bound_outputs(model, x, y, 0.3, sniter=2000, opt_iter=1000, layout='pairwise')
+        torch.manual_seed(1)
+        ours = lb.bound_outputs(model, x, y, 0.3, sniter=2000, opt_iter=1000, method='lanczos',
+                                translation='exact')
+    certified = lb.certified_predictions(theirs, y)
+    assert 10 <= int(certified.sum()) < len(y), 'the model should certify some digits, not all'
+    assert torch.equal(lb.certified_predictions(ours, y), certified)
+    assert torch.all(ours.lipschitz >= theirs.lipschitz * (1 - 1e-4))
+    assert set(ours.varying) == {1, 3, 6}
+    assert all(((v >= 0) & (v <= 1)).all() for v in ours.varying.values())
