@@ -22,6 +22,7 @@ The box of half-width eps lies inside the L2 ball of radius ``eps * sqrt(d)``; t
 
 Inputs are images in [0, 1] as the model sees them (no mean/std normalisation), as in both papers.
 """
+import csv
 import itertools
 import math
 
@@ -92,23 +93,50 @@ def local_lipschitzness(model, x, eps, *, norm='inf', steps=10, step=0.003, as_p
 
 
 def dataset_lipschitzness(model, loader, eps, *, norm='inf', device='cpu', steps=10, step=0.003,
-                          progress=True):
-    """Both directions over a loader of ``(x, y, ...)`` batches.
+                          certified_sniter=None, progress=True):
+    """Both directions over a loader of ``(x, y, index)`` (or ``(x, y)``) batches.
 
     Returns ``{'lip_max': mean of the maximisation, 'lip_as_published': mean of the published
-    descent, 'examples': count, 'per_example_max': [N] tensor, 'per_example_as_published': [N]
-    tensor}`` (per-example values on the CPU, in loader order).
+    descent, 'examples': count, 'eps', 'norm'}`` and, per example on the CPU in loader order,
+    ``'index'``, ``'per_example_max'``, ``'per_example_as_published'``; with
+    ``certified_sniter``, also ``'per_example_certified'`` (``certified_ratio_bound`` with that
+    many power iterations).
     """
-    found = {False: [], True: []}
+    found = {'index': [], 'per_example_max': [], 'per_example_as_published': []}
+    if certified_sniter is not None:
+        found['per_example_certified'] = []
+    seen = 0
     for batch in tqdm(loader, desc=f'local Lipschitzness eps={eps:g}', disable=not progress,
                       leave=False):
         x = batch[0].to(device)
-        for published in found:
-            found[published].append(local_lipschitzness(
-                model, x, eps, norm=norm, steps=steps, step=step, as_published=published).cpu())
-    maximum, published = torch.cat(found[False]), torch.cat(found[True])
-    return {'lip_max': float(maximum.mean()), 'lip_as_published': float(published.mean()),
-            'examples': len(maximum), 'per_example_max': maximum, 'per_example_as_published': published}
+        found['index'].append(batch[2].cpu() if len(batch) > 2 else torch.arange(seen, seen + len(x)))
+        seen += len(x)
+        for key, published in (('per_example_max', False), ('per_example_as_published', True)):
+            found[key].append(local_lipschitzness(model, x, eps, norm=norm, steps=steps, step=step,
+                                                  as_published=published).cpu())
+        if certified_sniter is not None:
+            found['per_example_certified'].append(
+                certified_ratio_bound(model, x, eps, norm=norm, sniter=certified_sniter).cpu())
+    result = {key: torch.cat(parts) for key, parts in found.items()}
+    result.update(lip_max=float(result['per_example_max'].mean()),
+                  lip_as_published=float(result['per_example_as_published'].mean()),
+                  examples=seen, eps=eps, norm=str(norm))
+    return result
+
+
+LIPSCHITZ_COLUMNS = ('index', 'eps', 'norm', 'lip_max', 'lip_as_published', 'certified_bound')
+
+
+def write_lipschitzness_csv(path, result):
+    """One row per example of a ``dataset_lipschitzness`` result (certified_bound empty if absent)."""
+    certified = result.get('per_example_certified')
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(LIPSCHITZ_COLUMNS)
+        for i in range(result['examples']):
+            writer.writerow([int(result['index'][i]), result['eps'], result['norm'],
+                             float(result['per_example_max'][i]), float(result['per_example_as_published'][i]),
+                             '' if certified is None else float(certified[i])])
 
 
 def two_to_one_norm(weight):

@@ -3,14 +3,18 @@
     python plots.py --runs pretrained/local_relux pretrained/global_relux --names local global --out figures/
 
 For every run prefix P it reads ``P_metrics.csv`` (one row per epoch, written by training),
-``P_radius.csv`` (one row per test example, ``evaluate.py --radius``) and ``P_args.json`` (the
-flags, for titles); a run needs at least one of the two CSVs. It writes, as PNG and PDF:
+``P_radius.csv`` (one row per test example, ``evaluate.py --radius``), ``P_lipschitz.csv`` (one
+row per test example, ``empirical.write_lipschitzness_csv``) and ``P_args.json`` (the flags, for
+titles); a run needs at least one of the CSVs. It writes, as PNG and PDF, the figures it has data
+for:
 
 * ``certified_accuracy``: certified accuracy against the L2 radius, one curve per run;
 * ``tightness``: median local / global Lipschitz bound over training, and its histogram over
   the test examples at the evaluation eps;
 * ``loss``: clean and robust training loss over the epochs, one curve per run;
-* ``varying``: fraction of varying (not fixed) neurons per activation layer over training.
+* ``varying``: fraction of varying (not fixed) neurons per activation layer over training;
+* ``empirical``: empirical local Lipschitzness (both search directions) of every test example
+  against its certified bound on the same ratio.
 
 Every figure function returns its matplotlib Figure; the plotted series are the CSV values.
 """
@@ -39,6 +43,7 @@ class Run:
     prefix: str
     metrics: dict = None
     radius: dict = None
+    lipschitz: dict = None
     args: dict = field(default_factory=dict)
 
 
@@ -52,17 +57,17 @@ def read_csv(path):
 
 
 def load_run(prefix, name=None):
-    """The Run of ``prefix``; FileNotFoundError when neither of its CSVs exists."""
-    metrics, radius, args = prefix + '_metrics.csv', prefix + '_radius.csv', prefix + '_args.json'
-    if not os.path.exists(metrics) and not os.path.exists(radius):
-        raise FileNotFoundError(f'neither {metrics} nor {radius} exists')
+    """The Run of ``prefix``; FileNotFoundError when none of its CSVs exists."""
+    tables = {'metrics': 'epoch', 'radius': 'radius', 'lipschitz': 'lip_max'}
+    paths = {table: f'{prefix}_{table}.csv' for table in tables}
+    if not any(os.path.exists(path) for path in paths.values()):
+        raise FileNotFoundError(f"none of {', '.join(paths.values())} exists")
     run = Run(name or os.path.basename(prefix), prefix)
-    if os.path.exists(metrics):
-        run.metrics = _checked(read_csv(metrics), metrics, 'epoch')
-    if os.path.exists(radius):
-        run.radius = _checked(read_csv(radius), radius, 'radius')
-    if os.path.exists(args):
-        with open(args) as f:
+    for table, column in tables.items():
+        if os.path.exists(paths[table]):
+            setattr(run, table, _checked(read_csv(paths[table]), paths[table], column))
+    if os.path.exists(prefix + '_args.json'):
+        with open(prefix + '_args.json') as f:
             run.args = json.load(f)
     return run
 
@@ -219,6 +224,35 @@ def varying_figure(runs):
     return fig
 
 
+def empirical_figure(runs):
+    """Per test example: empirical ratio (y, both directions) against its certified bound (x)."""
+    runs = _with(runs, 'lipschitz', 'certified_bound')
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for run in runs:
+        table = run.lipschitz
+        keep = np.isfinite(table['certified_bound'])
+        colour = ax.plot(table['certified_bound'][keep], table['lip_max'][keep], 'o', markersize=4, alpha=0.7,
+                         label=f'{run.name}: maximum (ascent)')[0].get_color()
+        ax.plot(table['certified_bound'][keep], table['lip_as_published'][keep], 'x', color=colour,
+                markersize=4, alpha=0.7, label=f'{run.name}: as published (descent)')
+    if runs:
+        low, high = ax.get_xlim()
+        ax.plot([low, high], [low, high], color='grey', linestyle='--', linewidth=1, label='_diagonal')
+        ax.annotate('certified bound (y = x)', (high, high), xytext=(-4, -14), textcoords='offset points',
+                    ha='right', fontsize=8, color='grey')
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    norms = {f"p = {r.lipschitz['norm'][0]:g}, L-inf box eps {r.lipschitz['eps'][0]:g}" for r in runs}
+    ax.set_xlabel('certified bound on ||f(x) - f(x\')||_1 / ||x - x\'||_p (logits per input unit)')
+    ax.set_ylabel('empirical ||f(x) - f(x\')||_1 / ||x - x\'||_p')
+    ax.grid(alpha=0.3, which='both')
+    _legend_or_note(ax, 'no certified bounds (lipschitz CSV: certified_bound)')
+    ax.set_title(f"Empirical local Lipschitzness vs certified bound ({'; '.join(sorted(norms))})\n"
+                 f'{describe(runs)}', fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {
     'certified_accuracy': (certified_accuracy_figure, lambda runs: _with(runs, 'radius', 'radius')),
     'tightness': (tightness_figure, lambda runs: _with(runs, 'metrics', 'lip_local_median')
@@ -226,6 +260,7 @@ FIGURES = {
     'loss': (loss_figure, lambda runs: _with(runs, 'metrics', 'loss')),
     'varying': (varying_figure, lambda runs: [r for r in runs if r.metrics is not None
                                               and varying_columns(r.metrics)]),
+    'empirical': (empirical_figure, lambda runs: _with(runs, 'lipschitz', 'certified_bound')),
 }
 
 
@@ -255,7 +290,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--runs', nargs='+', required=True,
-                        help='run prefixes P (reads P_metrics.csv, P_radius.csv, P_args.json)')
+                        help='run prefixes P (reads P_metrics.csv, P_radius.csv, P_lipschitz.csv, P_args.json)')
     parser.add_argument('--names', nargs='+', help='legend names, one per run (default: basename of P)')
     parser.add_argument('--out', default='figures', help='output folder (default: figures)')
     args = parser.parse_args(argv)

@@ -1,5 +1,6 @@
 """Empirical local Lipschitzness (empirical.py): analytic values on linear maps, and never above the
 certified local bound (after the norm conversion of ``empirical.certified_ratio_bound``)."""
+import csv
 import math
 from pathlib import Path
 
@@ -70,15 +71,22 @@ def test_published_direction_descends_and_mode_is_restored():
     assert (down < 0.5 * up).all()
 
 
-def test_dataset_means_and_bad_norm():
+def test_dataset_means_csv_and_bad_norm(tmp_path):
     torch.manual_seed(0)
     model, _, _ = rank_one_map()
     x = 0.3 + 0.4 * torch.rand(10, 20)
-    loader = DataLoader(TensorDataset(x, torch.zeros(10, dtype=torch.long)), batch_size=4)
+    loader = DataLoader(TensorDataset(x, torch.zeros(10, dtype=torch.long), torch.arange(100, 110)), batch_size=4)
     out = empirical.dataset_lipschitzness(model, loader, 0.009, progress=False)
-    assert out['examples'] == 10 and len(out['per_example_max']) == 10
+    assert out['examples'] == 10 and out['index'].tolist() == list(range(100, 110))
     assert out['lip_max'] == pytest.approx(float(out['per_example_max'].mean()))
     assert out['lip_as_published'] < out['lip_max']
+    path = tmp_path / 'run_lipschitz.csv'
+    empirical.write_lipschitzness_csv(path, out)
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == empirical.LIPSCHITZ_COLUMNS and len(rows) == 10
+    assert float(rows[3]['lip_max']) == pytest.approx(float(out['per_example_max'][3]))
+    assert rows[0]['norm'] == 'inf' and rows[0]['certified_bound'] == ''
     with pytest.raises(ValueError, match='norm must be'):
         empirical.local_lipschitzness(model, x, 0.01, norm=3)
 

@@ -34,6 +34,13 @@ def write_run(folder, name, seed, bound):
         for i in range(40):
             radius = 0.0 if i % 7 == 0 else float(rng.uniform(0, 2))
             writer.writerow([i, i % 10, i % 10, radius, rng.uniform(5, 40), rng.uniform(5, 40), global_bound])
+    with open(prefix + '_lipschitz.csv', 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['index', 'eps', 'norm', 'lip_max', 'lip_as_published', 'certified_bound'])
+        for i in range(40):
+            certified = rng.uniform(50, 500)
+            writer.writerow([i, 0.1, 2, certified * rng.uniform(0.01, 0.3), certified * rng.uniform(0.001, 0.01),
+                             certified])
     with open(prefix + '_args.json', 'w') as f:
         json.dump({'model': 'relux', 'data': 'mnist', 'epsilon': 1.58, 'bound': bound}, f)
     return prefix
@@ -109,6 +116,19 @@ def test_tightness_loss_and_varying_series_are_the_csv(two_runs):
             assert np.allclose(line(panel, f'layer {layer}').get_ydata(), values)
 
 
+def test_empirical_points_are_the_csv(two_runs):
+    runs = [plots.load_run(p, n) for p, n in zip(two_runs, ['local', 'global'])]
+    fig = plots.empirical_figure(runs)
+    ax = fig.axes[0]
+    for prefix, name in zip(two_runs, ['local', 'global']):
+        table = columns(prefix + '_lipschitz.csv')
+        for label, column in (('maximum (ascent)', 'lip_max'), ('as published (descent)', 'lip_as_published')):
+            points = line(ax, f'{name}: {label}')
+            assert np.allclose(points.get_xdata(), table['certified_bound'])
+            assert np.allclose(points.get_ydata(), table[column])
+    assert 'p = 2, L-inf box eps 0.1' in ax.get_title()
+
+
 def test_missing_files_end_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         plots.main(['--runs', str(tmp_path / 'nothing_relux')])
@@ -121,7 +141,8 @@ def test_missing_files_end_with_one_line(tmp_path, capsys):
 def test_a_run_with_only_a_radius_csv_makes_only_that_figure(tmp_path, capsys):
     prefix = write_run(tmp_path, 'eval', 2, 'local')
     (tmp_path / 'eval_relux_metrics.csv').unlink()
+    (tmp_path / 'eval_relux_lipschitz.csv').unlink()
     written = plots.main(['--runs', prefix, '--out', str(tmp_path / 'out')])
     assert sorted(p.rsplit('/', 1)[1] for p in written) == ['certified_accuracy.pdf', 'certified_accuracy.png',
                                                           'tightness.pdf', 'tightness.png']
-    assert 'skipped (no data in these runs): loss, varying' in capsys.readouterr().err
+    assert 'skipped (no data in these runs): loss, varying, empirical' in capsys.readouterr().err
