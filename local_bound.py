@@ -624,6 +624,7 @@ class BoundOutput:
     sparsity: torch.Tensor      # TinyImageNet sparsity term (0 unless sp_thres is given)
     norms: dict = field(default_factory=dict)     # {affine layer index: its norm in the product [B]}
     varying: dict = field(default_factory=dict)   # {activation index: fraction of varying neurons [B]}
+    global_lipschitz: Optional[torch.Tensor] = None  # product of the plain (global) norms of the pass
 
 
 class BoundError(ValueError):
@@ -698,7 +699,9 @@ def bound_outputs(model, x, y, eps, *, sniter, opt_iter, store=None, index=None,
     logits = last(state.centre)
     column = label_column(last.weight, y, state, eps * product, opt_iter, layout=layout, translation=translation)
     sparsity = state.sparsity if torch.is_tensor(state.sparsity) else logits.new_zeros(())
-    return BoundOutput(logits, translate(logits, y, column, gloro), product, sparsity, norms, state.varying)
+    global_product = math.prod(rec.global_sigma for rec in state.records) if state.records else logits.new_ones(())
+    return BoundOutput(logits, translate(logits, y, column, gloro), product, sparsity, norms, state.varying,
+                       global_product)
 
 
 def worst_case_logits(model, x, y, eps, *, sniter, opt_iter, store=None, index=None, gloro=False,

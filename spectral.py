@@ -24,7 +24,7 @@ LANCZOS_TOL = 1e-4     # per-sample stop of Lanczos: relative Ritz residual
 LANCZOS_DIM = 32       # Lanczos steps between restarts
 LANCZOS_MEMORY = 2**28  # bytes of Krylov basis held at once; larger batches run in chunks
 POWER_GRADS = ('unrolled', 'final')
-METHODS = ('power', 'lanczos')
+METHODS = ('power', 'lanczos', 'precise')
 REORTHS = ('none', 'full')
 
 
@@ -364,11 +364,16 @@ def _orthogonalised(x, basis):
 
 
 def masked_norm(op, u, in_mask, out_mask, iters, *, method='power', tol=None, grad='unrolled'):
-    """Per-sample masked norm by ``method`` ('power' or 'lanczos'; ``tol`` None: its default)."""
+    """Per-sample masked norm by ``method`` ('power', 'lanczos' or 'precise' for audits; ``tol``
+    None: its default). Returns (sigma [B], final vectors)."""
     if method == 'power':
         return masked_spectral_norm(op, u, in_mask, out_mask, iters, LOCAL_TOL if tol is None else tol, grad)
     if method == 'lanczos':
         return lanczos_masked_norm(op, u, in_mask, out_mask, iters, LANCZOS_TOL if tol is None else tol)
+    if method == 'precise':     # audits: float64, to relative residual tol (default 1e-6); u kept
+        sigma = precise_masked_norms(op, in_mask, out_mask, start=u, rtol=1e-6 if tol is None else tol,
+                                     batch=u.size(0))
+        return sigma.to(u.dtype), u
     raise ValueError(f'spectral method must be one of {METHODS}, not {method!r}')
 
 
