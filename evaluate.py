@@ -30,28 +30,36 @@ def parse_args(argv=None, extra=None, **defaults):
     return utils.argparser(argv=argv, extra=flags, **{'data': 'cifar10', 'model': 'c6f2_relux', **defaults})
 
 
+def load_for_evaluation(args, runtime, logger):
+    """(model, this rank's test loader, seeded start vectors) for ``--saved_model`` and the flags."""
+    if args.saved_model is None:
+        raise trainer.CheckpointError('--saved_model is required (the prefix of <prefix>_best.pth)')
+    path = checkpoint_path(args.saved_model)
+    model, state = trainer.load_model(path, args.data, args.model, args.init, runtime.device)
+    model.eval()
+    logger.info(f'{path}: {args.model} on {args.data}'
+                + (f", saved at epoch {state['epoch']}" if 'epoch' in state else ''))
+    _, test_set = data_load.build_datasets(args.data, args.data_dir, augmentation=False,
+                                           normalization=args.normalization)
+    loader = trainer.test_loader_for(trainer.limited(test_set, args.limit_test), args, runtime)
+    torch.manual_seed(args.seed)
+    return model, loader, trainer.evaluation_starts(model, args)
+
+
 def main(argv=None, parse=parse_args):
     """Evaluate ``--saved_model`` with the flags ``parse(argv)`` returns (one process or torchrun)."""
     args = parse(argv)
-    if args.saved_model is None:
-        sys.exit('error: --saved_model is required (the prefix of <prefix>_best.pth)')
     runtime = trainer.init_runtime(args.device)
     logger = utils.get_logger(quiet=not runtime.is_main)
     try:
-        path = checkpoint_path(args.saved_model)
-        model, state = trainer.load_model(path, args.data, args.model, args.init, runtime.device)
-        logger.info(f'{path}: {args.model} on {args.data}'
-                    + (f", saved at epoch {state['epoch']}" if 'epoch' in state else ''))
-        _, test_set = data_load.build_datasets(args.data, args.data_dir, augmentation=False,
-                                               normalization=args.normalization)
-        loader = trainer.test_loader_for(trainer.limited(test_set, args.limit_test), args, runtime)
-        torch.manual_seed(args.seed)
-        starts = trainer.evaluation_starts(model, args)
+        model, loader, starts = load_for_evaluation(args, runtime, logger)
         if args.no_pgd:
-            clean, cert, _, total = trainer.evaluate_certified(model, loader, args, runtime, args.epsilon, starts)
-            logger.info(f'{total} test examples at eps {args.epsilon:.4f}: clean error {clean:.4f} | '
-                        f'certified error {cert:.4f} (acc {1 - cert:.4f})')
-            return {'clean_err': clean, 'certified_err': cert, 'examples': total}
+            stats = trainer.evaluate_certified(model, loader, args, runtime, args.epsilon, starts)
+            logger.info(f'{stats.examples} test examples at eps {args.epsilon:.4f}: clean error '
+                        f'{stats.clean_err:.4f} | certified error {stats.certified_err:.4f} '
+                        f'(acc {1 - stats.certified_err:.4f})')
+            return {'clean_err': stats.clean_err, 'certified_err': stats.certified_err,
+                    'examples': stats.examples}
         return trainer.evaluate_all(model, loader, args, runtime, logger, store=starts)
     except trainer.USER_ERRORS as error:
         sys.exit(f'error: {error}')

@@ -40,6 +40,14 @@ class Runtime:
     def distributed(self):
         return self.world_size > 1
 
+    def gather(self, tensor):
+        """Concatenate a 1-D CPU tensor over all ranks (identity in one process)."""
+        if not self.distributed:
+            return tensor
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, tensor)
+        return torch.cat(parts)
+
     def sum(self, values):
         """Sum a list of numbers over all ranks (identity in one process)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -411,23 +419,49 @@ def evaluate_clean(model, loader, runtime):
     return wrong / max(total, 1), int(total)
 
 
-@torch.no_grad()
-def evaluate_certified(model, loader, args, runtime, eps, store=None):
-    """Summed over ranks: (clean error, certified error, robust loss, examples) at ``eps``."""
+@dataclass
+class TestStats:
+    """What a certification pass over the test set measured (summed or gathered over ranks)."""
+    clean_err: float
+    certified_err: float
+    robust_loss: float
+    examples: int
+    lipschitz: torch.Tensor      # per-example Lipschitz products used by the certificates (CPU)
+    global_lipschitz: float      # product of the plain spectral norms (nan when not reported)
+    varying: dict                # {activation layer index: mean fraction of varying neurons}
+
+
+def certified_batches(model, loader, args, runtime, eps, store=None):
+    """Yield ``(x, y, index, BoundOutput)`` for this rank's test batches at ``eps`` (test-time options)."""
     model.eval()
     options = bound_options(args, training=False)
     options['sp_thres'] = None
-    wrong = uncertified = loss = total = 0
     for x, y, index in _progress(loader, runtime, f'certify eps={eps:.4f}'):
         x, y = x.to(runtime.device), y.to(runtime.device)
-        out = local_bound.bound_outputs(model, x, y, eps, store=store, index=index, **options)
+        yield x, y, index, local_bound.bound_outputs(model, x, y, eps, store=store, index=index, **options)
+
+
+@torch.no_grad()
+def evaluate_certified(model, loader, args, runtime, eps, store=None):
+    """Clean and certified error, robust loss, Lipschitz products and varying fractions at ``eps``."""
+    wrong = uncertified = loss = total = 0
+    products, varying, global_product = [], {}, math.nan
+    for _, y, _, out in certified_batches(model, loader, args, runtime, eps, store):
         wrong += (~local_bound.correct_predictions(out.logits, y)).sum().item()
         uncertified += (~local_bound.certified_predictions(out, y)).sum().item()
         loss += F.cross_entropy(out.worst, y, reduction='sum').item()
         total += len(y)
-    wrong, uncertified, loss, total = runtime.sum([wrong, uncertified, loss, total])
-    total = max(total, 1)
-    return wrong / total, uncertified / total, loss / total, int(total)
+        products.append(out.lipschitz.float().cpu())
+        global_product = float(getattr(out, 'global_lipschitz', math.nan))
+        for layer, fraction in getattr(out, 'varying', {}).items():
+            varying[layer] = varying.get(layer, 0.0) + float(fraction.sum())
+    layers = sorted(varying)
+    wrong, uncertified, loss, total, *sums = runtime.sum([wrong, uncertified, loss, total]
+                                                         + [varying[k] for k in layers])
+    count = max(total, 1)
+    return TestStats(wrong / count, uncertified / count, loss / count, int(total),
+                     runtime.gather(torch.cat(products) if products else torch.zeros(0)),
+                     global_product, {k: v / count for k, v in zip(layers, sums)})
 
 
 def evaluate_pgd(model, loader, args, runtime):
@@ -621,7 +655,8 @@ def _run_epoch(net, model, train_loader, test_loader, optimizer, scheduler, stor
     else:
         stats = train_robust_epoch(net, train_loader, optimizer, args, runtime, epoch, eps, kappa,
                                    stores[0], logger)
-        test_err, cert_err, _, _ = evaluate_certified(model, test_loader, args, runtime, eps_next, stores[1])
+        test = evaluate_certified(model, test_loader, args, runtime, eps_next, stores[1])
+        test_err, cert_err = test.clean_err, test.certified_err
         line = (f'robust loss {stats.robust_loss:.4f} robust err {stats.robust_error:.4f} | '
                 f'test err {test_err:.4f} certified err {cert_err:.4f} @ eps {eps_next:.4f}')
         if getattr(args, 'sparse', 0.0):
@@ -666,7 +701,8 @@ def final_report(args, runtime, logger, test_loader, test_store):
 
 def evaluate_all(model, loader, args, runtime, logger, store=None):
     """Clean, PGD and certified error at ``--epsilon``, logged and returned."""
-    clean_err, cert_err, _, total = evaluate_certified(model, loader, args, runtime, args.epsilon, store)
+    test = evaluate_certified(model, loader, args, runtime, args.epsilon, store)
+    clean_err, cert_err, total = test.clean_err, test.certified_err, test.examples
     pgd_err = evaluate_pgd(model, loader, args, runtime)
     logger.info(f'{total} test examples at eps {args.epsilon:.4f}: clean error {clean_err:.4f} '
                 f'(acc {1 - clean_err:.4f}) | PGD error {pgd_err:.4f} (acc {1 - pgd_err:.4f}) | '

@@ -1,7 +1,53 @@
-"""Put the repository root on sys.path so tests can import the project's modules."""
+"""Put the repository root on sys.path; share one short real-MNIST training run between tests."""
+import functools
+import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+MNIST_MINI = Path(ROOT).parent / 'shared' / 'data' / 'mnist-mini'
+HAVE_MNIST = (MNIST_MINI / 'MNIST' / 'raw').is_dir()
+
+# The README's quick job: 5 short epochs on 1,500 real digits, certified on 300 test digits.
+QUICK_ARGV = ['--epochs', '5', '--rampup', '3', '--gloro', '--sniter', '2', '--opt_iter', '2',
+              '--epsilon_train', '1.75', '--batch_size', '64', '--test_sniter', '20', '--test_opt_iter', '20',
+              '--niter', '10', '--workers', '0', '--prefix', 'e2e', '--verbose', '0', '--device', 'cpu']
+
+
+@pytest.fixture(scope='session')
+def trained_mnist(tmp_path_factory):
+    """The quick job trained once per session (about 5 minutes on 2 cores): its folder, checkpoint
+    prefix, final report, the 300 test digits as tensors and the loaded best model."""
+    if not HAVE_MNIST:
+        pytest.skip(f'real MNIST digits not found at {MNIST_MINI}')
+    import torch
+    from torch.utils.data import Subset
+
+    import data_load
+    import trainer
+    import utils
+    train_set, test_set = data_load.build_datasets('mnist', str(MNIST_MINI), download=False)
+    train_set, test_set = Subset(train_set, range(1500)), Subset(test_set, range(300))
+    folder = tmp_path_factory.mktemp('trained_mnist')
+    parse = functools.partial(utils.argparser, argv=QUICK_ARGV, data='mnist', model='relux', epochs=300,
+                              warmup=0, rampup=150, epsilon=1.58, epsilon_train=1.58)
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        torch.manual_seed(0)
+        report = trainer.main(parse, train_set, test_set)
+    finally:
+        os.chdir(cwd)
+    prefix = folder / 'pretrained' / 'e2e_relux'
+    model, _ = trainer.load_model(f'{prefix}_best.pth', 'mnist', 'relux')
+    model.eval()
+    x = torch.stack([test_set[i][0] for i in range(len(test_set))])
+    y = torch.tensor([test_set[i][1] for i in range(len(test_set))])
+    return SimpleNamespace(folder=folder, prefix=prefix, report=report, test_set=test_set,
+                           train_set=train_set, model=model, x=x, y=y, eps=1.58)

@@ -121,14 +121,10 @@ def store_lines(stdout):
             for name, rank, count, mib in re.findall(pattern, stdout)}
 
 
-# Plain SGD, not Adam: Adam divides by the root of the squared gradient, so float noise in a
-# near-zero gradient (summed in another order on 2 ranks) becomes a full lr-sized step of either
-# sign and the comparison below would measure noise. With SGD a gradient difference of size g
-# moves a parameter by lr * g, so 2 ranks and 1 process agree to float precision times lr.
 TRAIN_FLAGS = ['--epochs', '3', '--rampup', '1', '--test_batch_size', '8', '--workers', '0',
                '--test_sniter', '3', '--test_opt_iter', '3', '--niter', '2', '--no_shuffle',
-               '--epsilon', '0.5', '--epsilon_train', '0.5', '--opt', 'sgd', '--lr', '0.02',
-               '--momentum', '0.9', '--verbose', '1']
+               '--epsilon', '0.5', '--epsilon_train', '0.5', '--lr', '3e-3', '--verbose', '1']
+LR, STEPS = 3e-3, 6          # 3 epochs of 32 training images in batches of 16
 
 
 @pytest.fixture(scope='module')
@@ -145,9 +141,17 @@ def test_two_ranks_keep_identical_parameters_close_to_one_process(runs):
     _, (_, _, audit_one), (_, _, audit_two) = runs
     rank0, rank1 = (torch.load(audit_two / f'params_rank{r}.pt') for r in (0, 1))
     single = torch.load(audit_one / 'params_rank0.pt')
+    # Adam divides by the root of the squared gradient: float noise in a near-zero gradient (summed
+    # in another order on 2 ranks) can become a full step of either sign. One Adam step moves an
+    # element by at most lr (1 - beta1) / sqrt(1 - beta2) ~ 3.2 lr, so no element may differ by more
+    # than 2 x 3.2 lr per step, and such noise-driven elements must stay rare: all but 0.1% of every
+    # tensor agree to 1e-4 (what a real difference in the computation would break).
+    limit = 2 * 3.2 * LR * STEPS
     for key in single:
         assert torch.equal(rank0[key], rank1[key]), key
-        torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=1e-3, msg=key)
+        diff = (rank0[key] - single[key]).abs()
+        assert diff.max() <= limit, (key, float(diff.max()))
+        assert (diff > 1e-4).float().mean() <= 1e-3, (key, int((diff > 1e-4).sum()), diff.numel())
 
 
 def test_two_ranks_log_the_losses_of_one_process(runs):
@@ -233,9 +237,9 @@ def certify_split(model, data, args, batch, owned=None):
     index = torch.arange(len(y)) if owned is None else owned
     loader = [(x[i], y[i], i) for i in index.split(batch)]
     starts = trainer.evaluation_starts(model, args)
-    clean, cert, _, total = trainer.evaluate_certified(model, loader, args, trainer.Runtime(torch.device('cpu')),
-                                                       args.epsilon, starts)
-    return round(clean * total), round(cert * total)
+    stats = trainer.evaluate_certified(model, loader, args, trainer.Runtime(torch.device('cpu')),
+                                       args.epsilon, starts)
+    return round(stats.clean_err * stats.examples), round(stats.certified_err * stats.examples)
 
 
 def test_seeded_starts_do_not_depend_on_batches_or_shares():

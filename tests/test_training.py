@@ -208,7 +208,7 @@ def test_missing_data_is_one_line_without_traceback(tmp_path):
 # ----------------------------------------------------------------------------- end to end on real digits
 
 @needs_mnist
-def test_training_on_real_mnist_raises_certified_accuracy(tmp_path, monkeypatch):
+def test_training_on_real_mnist_raises_certified_accuracy(trained_mnist):
     """Five short epochs on 1,500 real digits must certify test digits at eps=1.58; untrained, none.
 
     An untrained network certifies 0 of the 300 test digits at this radius (checked below). This
@@ -217,23 +217,16 @@ def test_training_on_real_mnist_raises_certified_accuracy(tmp_path, monkeypatch)
     far above the untrained 0 and above binomial noise (sd ~2%), so it fails only when training or
     certification is broken.
     """
-    train_set, test_set = data_load.build_datasets('mnist', str(MNIST_MINI), download=False)
-    train_set, test_set = Subset(train_set, range(1500)), Subset(test_set, range(300))
     untrained = utils.select_model('mnist', 'relux')
-    x = torch.stack([test_set[i][0] for i in range(300)])
-    y = torch.tensor([test_set[i][1] for i in range(300)])
-    before = local_bound.certify(untrained, x, y, 1.58, sniter=20, opt_iter=20).float().mean().item()
+    before = local_bound.certify(untrained, trained_mnist.x, trained_mnist.y, 1.58, sniter=20,
+                                 opt_iter=20).float().mean().item()
     assert before == 0.0
-    monkeypatch.chdir(tmp_path)
-    argv = ['--epochs', '5', '--rampup', '3', '--gloro', '--sniter', '2', '--opt_iter', '2',
-            '--epsilon_train', '1.75', '--batch_size', '64', '--test_sniter', '20', '--test_opt_iter', '20',
-            '--niter', '10', '--workers', '0', '--prefix', 'e2e', '--verbose', '0']
-    report = trainer.main(mnist_parse(argv), train_set, test_set)
+    report = trained_mnist.report
     assert 1 - report['certified_err'] >= 0.05, report
     assert report['pgd_err'] <= report['certified_err'] + 1e-9, report
     assert report['clean_err'] <= report['pgd_err'] + 1e-9, report
     # the saved model certifies the same way through evaluate.py
-    result = evaluate.main(['--data', 'mnist', '--model', 'relux', '--saved_model', 'pretrained/e2e_relux',
+    result = evaluate.main(['--data', 'mnist', '--model', 'relux', '--saved_model', str(trained_mnist.prefix),
                             '--data_dir', str(MNIST_MINI), '--epsilon', '1.58', '--test_sniter', '50',
                             '--test_opt_iter', '50', '--limit_test', '300', '--no_pgd', '--workers', '0',
                             '--device', 'cpu'])
