@@ -1,0 +1,184 @@
+"""One table for both families: certified Local-Lip models and lolip's empirical defences, on the
+same test images and the same L2 eps.
+
+    python compare.py --data mnist --data_dir ../shared/data/mnist-mini --eps 1.58 --limit_test 300 \
+        --locallip relux:pretrained/quick_relux_best.pth \
+        --lolip runs/experiment01/mnist-inf-0.1-ce-tor-CNN001-pgd-0.pth --out compare_mnist
+
+Per model: clean accuracy; PGD accuracy (the certified side's L2 attack: ``--pgd_steps`` steps of
+eps/4 from a random image, clip then project); certified accuracy at eps (``local_bound.certify``;
+0 for lolip models, which have no certificate); empirical local Lipschitzness (``empirical``,
+denominator p = 2, over the L-infinity box of half-width eps/sqrt(d), which lies inside the L2
+eps-ball), both the maximisation and the original's descent; the certified local bound
+(``local_bound.local_lipschitz`` at eps: product of masked spectral norms) and the certified bound
+on the empirical ratio over the same box (``empirical.certified_ratio_bound``), where they exist.
+Writes OUT.md and OUT.csv and prints the Markdown table.
+"""
+import argparse
+import csv
+import math
+import sys
+
+import torch
+
+import attacks
+import data_load
+import empirical
+import local_bound
+import trainer
+import utils
+from lolip.archs import build_model
+from lolip.grammar import GrammarError, parse_model
+
+NO_CERTIFICATE = {
+    'CNN': 'no certificate: max-pooling and dropout are outside the bound pass',
+    'WRN': 'no certificate: batch-norm and residual blocks are outside the bound pass',
+    'Res': 'no certificate: batch-norm and residual blocks are outside the bound pass',
+}
+COLUMNS = ('model', 'family', 'clean_acc', 'pgd_acc', 'certified_acc', 'lip_max',
+           'lip_as_published', 'local_bound', 'ratio_bound', 'note')
+
+
+class CompareError(RuntimeError):
+    """A checkpoint or flag that cannot be compared (one-line message)."""
+
+
+def load_locallip(spec, data, device):
+    """(label, model) from NAME:PATH, a Local-Lip checkpoint of model NAME."""
+    name, _, path = spec.partition(':')
+    if not path:
+        raise CompareError(f'--locallip wants NAME:PATH (e.g. relux:pretrained/x_best.pth), not {spec!r}')
+    model, _ = trainer.load_model(path, data, name, device=device)
+    return f'{name} ({path})', model.eval()
+
+
+def load_lolip(path, data, device):
+    """(label, model, arch) from a lolip checkpoint (it names its --model and --dataset)."""
+    state = trainer.load_state(path)
+    if state.get('dataset') != data:
+        raise CompareError(f'{path} is a lolip {state.get("dataset")!r} checkpoint, not {data!r}')
+    try:
+        spec = parse_model(state['model'])
+    except (GrammarError, KeyError) as error:
+        raise CompareError(f'{path} is not a lolip checkpoint ({error})') from error
+    shape = data_load.input_shape(data)
+    model = build_model(spec.arch, data_load.num_classes(data), shape[0]).to(device)
+    trainer.load_weights(model, state['state_dict'], path, state['model'])
+    return f"{state['model']} ({path})", model.eval(), spec.arch
+
+
+def test_batches(data, data_dir, limit, batch_size):
+    """The first ``limit`` test images of ``data`` in [0, 1] (no normalisation), in order."""
+    _, test_set = data_load.build_datasets(data, data_dir, augmentation=False, normalization=False,
+                                           download=False)
+    subset = trainer.limited(test_set, limit)
+    return list(torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False))
+
+
+def evaluate(model, batches, eps, args, certifiable):
+    """The row's numbers for one model (sums over batches, then means)."""
+    sums = dict(clean=0, pgd=0, certified=0, lip_max=0.0, lip_as_published=0.0, local_bound=0.0,
+                ratio_bound=0.0, count=0)
+    for x, y in batches:
+        x, y = x.to(args.device), y.to(args.device)
+        box = eps / math.sqrt(x[0].numel())
+        torch.manual_seed(args.seed)
+        adv = attacks.pgd(model, x, y, eps, norm=2, steps=args.pgd_steps, step_size=eps / 4,
+                          random_start='image', order='clip_project')
+        with torch.no_grad():
+            sums['clean'] += int((model(x).argmax(1) == y).sum())
+            sums['pgd'] += int((model(adv).argmax(1) == y).sum())
+        for published in (False, True):
+            key = 'lip_as_published' if published else 'lip_max'
+            sums[key] += float(empirical.local_lipschitzness(model, x, box, norm=2,
+                                                             as_published=published).sum())
+        if certifiable:
+            sums['certified'] += int(local_bound.certify(model, x, y, eps, sniter=args.sniter,
+                                                         opt_iter=args.opt_iter).sum())
+            sums['local_bound'] += float(local_bound.local_lipschitz(model, x, eps,
+                                                                     sniter=args.sniter).sum())
+            sums['ratio_bound'] += float(empirical.certified_ratio_bound(
+                model, x, box, norm=2, sniter=args.sniter).sum())
+        sums['count'] += len(y)
+    n = max(sums.pop('count'), 1)
+    row = {key: value / n for key, value in sums.items()}
+    return {'clean_acc': row['clean'], 'pgd_acc': row['pgd'], 'certified_acc': row['certified'],
+            'lip_max': row['lip_max'], 'lip_as_published': row['lip_as_published'],
+            'local_bound': row['local_bound'] if certifiable else None,
+            'ratio_bound': row['ratio_bound'] if certifiable else None}
+
+
+def _cell(value):
+    if value is None:
+        return '-'
+    return f'{value:.4f}' if isinstance(value, float) else str(value)
+
+
+def markdown(rows, args, count):
+    """The Markdown table with a heading line naming the images and eps."""
+    lines = [f'{args.data}: first {count} test images, L2 eps {args.eps:g} '
+             f'(empirical Lipschitzness over the L-infinity box of half-width eps/sqrt(d), p = 2)',
+             '', '| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
+    lines += ['| ' + ' | '.join(_cell(row[c]) for c in COLUMNS) + ' |' for row in rows]
+    return '\n'.join(lines) + '\n'
+
+
+def write_outputs(rows, args, count):
+    """OUT.md and OUT.csv; returns the Markdown text."""
+    text = markdown(rows, args, count)
+    with open(f'{args.out}.md', 'w') as handle:
+        handle.write(text)
+    with open(f'{args.out}.csv', 'w', newline='') as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({c: ('' if row[c] is None else row[c]) for c in COLUMNS} for row in rows)
+    return text
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--data', required=True, choices=('mnist', 'cifar10'))
+    p.add_argument('--data_dir', default='data/')
+    p.add_argument('--eps', type=float, required=True, help='L2 radius for every column')
+    p.add_argument('--locallip', action='append', default=[], metavar='NAME:PATH',
+                   help='a Local-Lip checkpoint and its model name (repeatable)')
+    p.add_argument('--lolip', action='append', default=[], metavar='PATH',
+                   help='a lolip checkpoint written by lolip/main.py (repeatable)')
+    p.add_argument('--limit_test', type=int, help='the first N test images')
+    p.add_argument('--batch_size', type=int, default=100)
+    p.add_argument('--pgd_steps', type=int, default=100)
+    p.add_argument('--sniter', type=int, default=2000, help='power iterations of the bound')
+    p.add_argument('--opt_iter', type=int, default=1000, help='iterations of the last-layer step')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--device', default=utils.default_device())
+    p.add_argument('--out', default='compare', help='writes OUT.md and OUT.csv')
+    return p
+
+
+def main(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    if not args.locallip and not args.lolip:
+        p.error('give at least one --locallip NAME:PATH or --lolip PATH')
+    if not args.eps > 0:
+        p.error('--eps must be positive')
+    try:
+        batches = test_batches(args.data, args.data_dir, args.limit_test, args.batch_size)
+        rows = []
+        for spec in args.locallip:
+            label, model = load_locallip(spec, args.data, args.device)
+            rows.append({'model': label, 'family': 'Local-Lip (certified)', 'note': '',
+                         **evaluate(model, batches, args.eps, args, certifiable=True)})
+        for path in args.lolip:
+            label, model, arch = load_lolip(path, args.data, args.device)
+            rows.append({'model': label, 'family': 'lolip (empirical)', 'note': NO_CERTIFICATE[arch[:3]],
+                         **evaluate(model, batches, args.eps, args, certifiable=False)})
+    except (CompareError, trainer.CheckpointError, data_load.DataNotFoundError) as error:
+        sys.exit(f'error: {error}')
+    text = write_outputs(rows, args, sum(len(y) for _, y in batches))
+    print(text + f'written: {args.out}.md, {args.out}.csv')
+    return rows
+
+
+if __name__ == '__main__':
+    main()
