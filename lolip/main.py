@@ -71,9 +71,12 @@ def check_args(p, args):
     except RuntimeError as error:
         p.error(f'--device {args.device!r}: {error}')
     try:
-        return parse_model(args.model)
+        spec = parse_model(args.model)
     except GrammarError as error:
         p.error(str(error))
+    if spec.arch in ('CNN001', 'CNN002') and args.dataset != 'mnist':
+        p.error(f'{spec.arch} takes 28x28 MNIST digits; use WRN_40_10 or ResNet50 for {args.dataset}')
+    return spec
 
 
 def run_name(args, spec):

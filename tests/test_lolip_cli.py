@@ -120,7 +120,8 @@ def test_unknown_model_names_the_grammar_in_one_line():
 @pytest.mark.parametrize('flags, message', [
     (dict(norm='1'), "invalid choice: '1'"), (dict(eps='0'), '--eps must be positive'),
     (dict(dataset='imagenet'), "invalid choice: 'imagenet'"),
-    (dict(model='trades-tor-CNN001'), 'LOSS contains ce')])
+    (dict(model='trades-tor-CNN001'), 'LOSS contains ce'),
+    (dict(dataset='cifar10'), 'CNN001 takes 28x28 MNIST digits')])
 def test_bad_flags_end_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as stop:
         lolip_main.main(with_flags(**flags))
