@@ -5,20 +5,30 @@
 """
 import sys
 
-import torch
-
-import data_load
+import audit
+import empirical
+import radius
 import trainer
 import utils
 
 
 def extra_flags(parser):
     parser.add_argument('--no_pgd', action='store_true', help='skip the PGD attack')
-
-
-def checkpoint_path(saved_model):
-    """``<saved_model>_best.pth``, or the path itself when it already names a .pth file."""
-    return saved_model if saved_model.endswith('.pth') else saved_model + '_best.pth'
+    parser.add_argument('--audit', action='store_true',
+                        help='re-certify the certified examples with converged float64 norms (1e-6) and '
+                             'the exact last-layer solver; prints how many certificates do not hold')
+    parser.add_argument('--strict', action='store_true', help='with --audit: exit 1 when one does not hold')
+    g = parser.add_argument_group('certified radius and empirical Lipschitzness')
+    g.add_argument('--radius', action='store_true',
+                   help="bisect each test example's largest certified eps; writes <saved_model>_radius.csv")
+    g.add_argument('--radius_max', type=float, default=None, help='largest eps searched (default 3 x --epsilon)')
+    g.add_argument('--radius_tol', type=float, default=1e-3, help='bisection tolerance in eps units')
+    g.add_argument('--empirical_lip', action='store_true',
+                   help='empirical local Lipschitzness (Yang et al. 2020) of the logits, both the maximisation '
+                        'and the published descent; writes <saved_model>_lipschitz.csv')
+    g.add_argument('--lip_eps', type=float, default=None,
+                   help='half-width of the L-inf box it searches (default: mnist 0.1, else 0.031)')
+    g.add_argument('--lip_norm', choices=['inf', '2', '1'], default='inf', help='norm of the input change')
 
 
 def parse_args(argv=None, extra=None, **defaults):
@@ -30,41 +40,90 @@ def parse_args(argv=None, extra=None, **defaults):
     return utils.argparser(argv=argv, extra=flags, **{'data': 'cifar10', 'model': 'c6f2_relux', **defaults})
 
 
-def load_for_evaluation(args, runtime, logger):
-    """(model, this rank's test loader, seeded start vectors) for ``--saved_model`` and the flags."""
-    if args.saved_model is None:
-        raise trainer.CheckpointError('--saved_model is required (the prefix of <prefix>_best.pth)')
-    path = checkpoint_path(args.saved_model)
-    model, state = trainer.load_model(path, args.data, args.model, args.init, runtime.device)
-    model.eval()
-    logger.info(f'{path}: {args.model} on {args.data}'
-                + (f", saved at epoch {state['epoch']}" if 'epoch' in state else ''))
-    _, test_set = data_load.build_datasets(args.data, args.data_dir, augmentation=False,
-                                           normalization=args.normalization)
-    loader = trainer.test_loader_for(trainer.limited(test_set, args.limit_test), args, runtime)
-    torch.manual_seed(args.seed)
-    return model, loader, trainer.evaluation_starts(model, args)
-
-
 def main(argv=None, parse=parse_args):
     """Evaluate ``--saved_model`` with the flags ``parse(argv)`` returns (one process or torchrun)."""
     args = parse(argv)
     runtime = trainer.init_runtime(args.device)
     logger = utils.get_logger(quiet=not runtime.is_main)
     try:
-        model, loader, starts = load_for_evaluation(args, runtime, logger)
+        model, loader, starts = trainer.load_for_evaluation(args, runtime, logger)
         if args.no_pgd:
             stats = trainer.evaluate_certified(model, loader, args, runtime, args.epsilon, starts)
             logger.info(f'{stats.examples} test examples at eps {args.epsilon:.4f}: clean error '
                         f'{stats.clean_err:.4f} | certified error {stats.certified_err:.4f} '
                         f'(acc {1 - stats.certified_err:.4f})')
-            return {'clean_err': stats.clean_err, 'certified_err': stats.certified_err,
-                    'examples': stats.examples}
-        return trainer.evaluate_all(model, loader, args, runtime, logger, store=starts)
+            result = {'clean_err': stats.clean_err, 'certified_err': stats.certified_err,
+                      'examples': stats.examples}
+        else:
+            result = trainer.evaluate_all(model, loader, args, runtime, logger, store=starts)
+        if args.audit:
+            result['audit'] = run_convergence_audit(model, loader, args, runtime, logger, starts)
+        if args.radius:
+            result['radius'] = run_radius(model, loader, args, runtime, logger)
+        if args.empirical_lip:
+            result['empirical_lip'] = run_empirical_lip(model, loader, args, runtime, logger)
     except trainer.USER_ERRORS as error:
         sys.exit(f'error: {error}')
     finally:
         trainer.close_runtime(runtime)
+    if args.audit and args.strict and result['audit'].flipped:
+        sys.exit(1)
+    return result
+
+
+def run_convergence_audit(model, loader, args, runtime, logger, starts):
+    """``audit.convergence_audit`` at ``--epsilon``, printed; returns its report."""
+    report = audit.convergence_audit(model, loader, args, runtime, args.epsilon, starts)
+    for line in report.lines():
+        logger.info(line)
+    return report
+
+
+def output_prefix(saved_model):
+    """Where this model's CSVs go: ``--saved_model`` without ``_best.pth`` (or ``.pth``)."""
+    for suffix in ('_best.pth', '.pth'):
+        if saved_model.endswith(suffix):
+            return saved_model[:-len(suffix)]
+    return saved_model
+
+
+def run_radius(model, loader, args, runtime, logger):
+    """Certified radius of every test example (``radius.dataset_radii``) with the test-time settings;
+    writes the CSV and prints certified accuracy at the paper's radii. Returns the summary."""
+    if runtime.distributed:
+        raise trainer.UsageError('--radius runs in one process (drop torchrun)')
+    eps_max = args.radius_max if args.radius_max is not None else 3 * args.epsilon
+    thresholds = radius.PAPER_RADII[args.data]
+    rows, summary = radius.dataset_radii(
+        model, loader, device=runtime.device, eps_max=eps_max, eval_eps=args.epsilon, anchors=thresholds,
+        tol=args.radius_tol, sniter=args.test_sniter, opt_iter=args.test_opt_iter, bound=args.bound,
+        method=args.spectral, translation=args.translation, progress=runtime.is_main)
+    path = output_prefix(args.saved_model) + '_radius.csv'
+    radius.write_radius_csv(path, rows)
+    accuracy = radius.certified_accuracy_at([row['radius'] for row in rows], thresholds)
+    logger.info(f"certified radius of {summary['examples']} examples (eps <= {eps_max:g}, tolerance "
+                f"{summary['tol']:g}, {summary['steps']} bisection steps) -> {path}; "
+                f"{summary['non_monotone']} not monotone, {summary['capped']} certified up to the maximum")
+    logger.info('certified accuracy at ' + ', '.join(f'{t:.4f}: {a:.4f}' for t, a in accuracy.items()))
+    return {**summary, 'accuracy': accuracy, 'path': path}
+
+
+LIP_EPS = {'mnist': 0.1, 'cifar10': 0.031, 'tinyimagenet': 0.031}
+
+
+def run_empirical_lip(model, loader, args, runtime, logger):
+    """Mean empirical local Lipschitzness over the test set, both directions; writes the CSV."""
+    eps = args.lip_eps if args.lip_eps is not None else LIP_EPS[args.data]
+    norm = args.lip_norm if args.lip_norm == 'inf' else int(args.lip_norm)
+    result = empirical.dataset_lipschitzness(model, loader, eps, norm=norm, device=runtime.device,
+                                             certified_sniter=args.test_sniter, progress=runtime.is_main)
+    path = output_prefix(args.saved_model) + '_lipschitz.csv'
+    empirical.write_lipschitzness_csv(path, result)
+    logger.info(f"empirical local Lipschitzness (L-inf box {eps:g}, norm {args.lip_norm}) over "
+                f"{result['examples']} examples: maximisation {result['lip_max']:.4f}, as published (descent) "
+                f"{result['lip_as_published']:.4f}; certified ratio bound mean "
+                f"{float(result['per_example_certified'].mean()):.4f} -> {path}")
+    return {'lip_max': result['lip_max'], 'lip_as_published': result['lip_as_published'], 'path': path}
 
 
 if __name__ == '__main__':

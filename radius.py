@@ -85,17 +85,19 @@ def _grid_brackets(table, correct, points):
 
 @torch.no_grad()
 def certified_radii(model, x, y, *, eps_max, tol=1e-3, grid=8, anchors=(), eval_eps=None,
-                    sniter=2000, opt_iter=1000, bound='local', store=None, index=None):
+                    sniter=2000, opt_iter=1000, bound='local', store=None, index=None, method='power',
+                    translation='iterative'):
     """Certified radius of every example of the batch, by batched bisection (module docstring).
 
-    ``sniter``/``opt_iter``/``bound``/``store``/``index`` go to ``local_bound.certify``. Returns
+    ``sniter``/``opt_iter``/``bound``/``store``/``index``/``method``/``translation`` go to
+    ``local_bound.certify``. Returns
     a dict of CPU tensors [B]: ``prediction``, ``correct``, ``radius`` (certified, float64),
     ``upper`` (smallest eps found not certified; inf when capped, 0 when misclassified),
     ``capped``, ``monotone``, ``local_bound`` (``local_bound.local_lipschitz`` at the radius) and,
     when ``eval_eps`` is given, ``local_bound_eps`` (at ``eval_eps``); plus the numbers ``tol``,
     ``steps`` (bisection steps run) and ``non_monotone`` (count of examples not monotone).
     """
-    options = dict(sniter=sniter, opt_iter=opt_iter, bound=bound)
+    options = dict(sniter=sniter, opt_iter=opt_iter, bound=bound, method=method, translation=translation)
     certify = _certifier(model, x, y, options, store, index)
     logits = model(x)
     prediction = logits.argmax(1).cpu()
@@ -141,7 +143,7 @@ def dataset_radii(model, loader, *, device, eps_max, eval_eps=None, anchors=(), 
 
     ``global_bound``: the value of the CSV's global_bound column (default
     ``local_bound.global_lipschitz`` of the model on the loader's input shape). ``options``:
-    ``tol``, ``grid``, ``sniter``, ``opt_iter``, ``bound``. Returns (rows for
+    ``tol``, ``grid``, ``sniter``, ``opt_iter``, ``bound``, ``method``, ``translation``. Returns (rows for
     ``write_radius_csv``, summary dict with ``examples``, ``non_monotone``, ``capped``, ``tol``
     and ``steps``).
     """

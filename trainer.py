@@ -3,6 +3,7 @@
 One process or many (``torchrun``): rank 0 alone writes logs and checkpoints, metrics are summed
 over ranks, every rank keeps the per-example singular vectors of its own share of the data.
 """
+import csv
 import functools
 import math
 import os
@@ -198,6 +199,10 @@ def test_loader_for(test_set, args, runtime):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+class UsageError(RuntimeError):
+    """A combination of flags this run cannot honour (one-line message)."""
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing or does not fit the requested model (one-line message)."""
@@ -427,7 +432,7 @@ class TestStats:
     robust_loss: float
     examples: int
     lipschitz: torch.Tensor      # per-example Lipschitz products used by the certificates (CPU)
-    global_lipschitz: float      # product of the plain spectral norms (nan when not reported)
+    global_lipschitz: float      # product of the plain spectral norms, converged (nan: no batch)
     varying: dict                # {activation layer index: mean fraction of varying neurons}
 
 
@@ -446,13 +451,14 @@ def evaluate_certified(model, loader, args, runtime, eps, store=None):
     """Clean and certified error, robust loss, Lipschitz products and varying fractions at ``eps``."""
     wrong = uncertified = loss = total = 0
     products, varying, global_product = [], {}, math.nan
-    for _, y, _, out in certified_batches(model, loader, args, runtime, eps, store):
+    for x, y, _, out in certified_batches(model, loader, args, runtime, eps, store):
         wrong += (~local_bound.correct_predictions(out.logits, y)).sum().item()
         uncertified += (~local_bound.certified_predictions(out, y)).sum().item()
         loss += F.cross_entropy(out.worst, y, reduction='sum').item()
         total += len(y)
         products.append(out.lipschitz.float().cpu())
-        global_product = float(getattr(out, 'global_lipschitz', math.nan))
+        if math.isnan(global_product):      # converged, so that local <= global holds in the log
+            global_product = local_bound.global_lipschitz(model, input_shape=x.shape[1:], precise=True)
         for layer, fraction in getattr(out, 'varying', {}).items():
             varying[layer] = varying.get(layer, 0.0) + float(fraction.sum())
     layers = sorted(varying)
@@ -499,10 +505,12 @@ def store_placement(args, runtime, nbytes):
 
 
 def store_dtype(args, runtime):
-    """``--store_dtype``; auto = float16 when training on CUDA (half the memory and traffic), else float32."""
+    """``--store_dtype``; auto = float32, the authors' format (float16 halves memory and traffic but
+    its effect on certified error has not been measured; TinyImageNet's scripts default to float16
+    as the authors do there)."""
     choice = getattr(args, 'store_dtype', 'auto')
     if choice == 'auto':
-        choice = 'float16' if runtime.device.type == 'cuda' else 'float32'
+        choice = 'float32'
     return {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}[choice]
 
 
@@ -546,10 +554,34 @@ class SeededStarts:
 
 
 def evaluation_starts(model, args):
-    """SeededStarts for ``args`` (None with ``--bound global``, which needs no start vectors)."""
+    """SeededStarts for ``args`` (None with ``--bound global``, which needs no start vectors).
+
+    Every layer gets local norms, whatever ``--indices`` says (the authors' evaluation does the
+    same: ``--indices`` only limits the training stores)."""
     if args.bound == 'global':
         return None
-    return SeededStarts(model, data_load.input_shape(args.data), args.seed, getattr(args, 'indices', None))
+    return SeededStarts(model, data_load.input_shape(args.data), args.seed)
+
+
+def checkpoint_path(saved_model):
+    """``<saved_model>_best.pth``, or the path itself when it already names a .pth file."""
+    return saved_model if saved_model.endswith('.pth') else saved_model + '_best.pth'
+
+
+def load_for_evaluation(args, runtime, logger):
+    """(model, this rank's test loader, seeded start vectors) for ``--saved_model`` and the flags."""
+    if args.saved_model is None:
+        raise UsageError('--saved_model is required (the prefix of <prefix>_best.pth)')
+    path = checkpoint_path(args.saved_model)
+    model, state = load_model(path, args.data, args.model, args.init, runtime.device)
+    model.eval()
+    logger.info(f'{path}: {args.model} on {args.data}'
+                + (f", saved at epoch {state['epoch']}" if 'epoch' in state else ''))
+    _, test_set = data_load.build_datasets(args.data, args.data_dir, augmentation=False,
+                                           normalization=args.normalization)
+    loader = test_loader_for(limited(test_set, args.limit_test), args, runtime)
+    torch.manual_seed(args.seed)
+    return model, loader, evaluation_starts(model, args)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -634,15 +666,69 @@ def train(args, runtime, logger, train_set=None, test_set=None):
     start, best_err = 0, math.inf
     if args.resume:
         start, best_err = _resume(model, optimizer, scheduler, stores, args, runtime, logger)
+    metrics = None
+    if runtime.is_main and args.save:
+        metrics = MetricsCSV(args.prefix + '_metrics.csv', activation_layers(model), start)
     for epoch in range(start, args.epochs):
         set_loader_epoch(train_loader, epoch, args.seed + runtime.rank)
         best_err = _run_epoch(net, model, train_loader, test_loader, optimizer, scheduler, stores,
-                              args, runtime, logger, epoch, best_err)
-    return final_report(args, runtime, logger, test_loader, stores[1])
+                              args, runtime, logger, epoch, best_err, metrics)
+    return final_report(args, runtime, logger, test_loader, stores[1], model)
+
+
+class MetricsCSV:
+    """``<prefix>_metrics.csv``: one row per finished epoch (``plots.py`` reads it).
+
+    Columns: ``METRIC_COLUMNS``, then ``varying_<i>`` (mean fraction of varying neurons at
+    activation layer i on the test pass) for every activation layer, then ``time`` (seconds).
+    Bound columns stay empty in warm-up epochs. Opening it for a run that starts at epoch k keeps
+    the rows of epochs before k and drops later ones, so ``--resume`` never duplicates a row.
+    """
+
+    def __init__(self, path, activation_layers, first_epoch):
+        self.path = path
+        self.columns = list(METRIC_COLUMNS) + [f'varying_{i}' for i in activation_layers] + ['time']
+        kept = []
+        if first_epoch > 0 and os.path.isfile(path):
+            with open(path, newline='') as f:
+                kept = [row for row in csv.DictReader(f) if int(row['epoch']) < first_epoch]
+        tmp = f'{path}.tmp{os.getpid()}'
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, restval='', extrasaction='ignore')
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, path)
+
+    def append(self, row):
+        with open(self.path, 'a', newline='') as f:
+            csv.DictWriter(f, fieldnames=self.columns, restval='', extrasaction='ignore').writerow(row)
+
+
+METRIC_COLUMNS = ('epoch', 'eps', 'kappa', 'lr', 'loss', 'err', 'robust_loss', 'robust_err', 'test_eps',
+                  'test_err', 'test_cert_err', 'lip_local_median', 'lip_local_mean', 'lip_global')
+
+
+def metrics_row(epoch, eps, kappa, lr, stats, test_eps, test_err, cert_err, test, seconds):
+    """One MetricsCSV row (``test`` None in warm-up epochs: no bound columns)."""
+    row = dict(epoch=epoch, eps=eps, kappa=kappa, lr=lr, loss=stats.loss, err=stats.error,
+               test_eps=test_eps, test_err=test_err, time=round(seconds, 2))
+    if test is not None:
+        lip = test.lipschitz.double()
+        row.update(robust_loss=stats.robust_loss, robust_err=stats.robust_error, test_cert_err=cert_err,
+                   lip_local_median=float(lip.median()) if len(lip) else '',
+                   lip_local_mean=float(lip.mean()) if len(lip) else '', lip_global=test.global_lipschitz,
+                   **{f'varying_{i}': fraction for i, fraction in test.varying.items()})
+    return row
+
+
+def activation_layers(model):
+    """Indices of the activation layers of ``model`` (the ones with a bound rule that masks)."""
+    return [i for i, layer in enumerate(model)
+            if isinstance(layer, (utils.ReLU_x, torch.nn.ReLU, utils.ClampGroupSort))]
 
 
 def _run_epoch(net, model, train_loader, test_loader, optimizer, scheduler, stores, args, runtime,
-               logger, epoch, best_err):
+               logger, epoch, best_err, metrics=None):
     eps, kappa = utils.epoch_schedule(args, epoch)
     eps_next = utils.epoch_schedule(args, epoch + 1)[0]
     lr = optimizer.param_groups[0]['lr']
@@ -650,7 +736,7 @@ def _run_epoch(net, model, train_loader, test_loader, optimizer, scheduler, stor
     if epoch < args.warmup:
         stats = train_clean_epoch(net, train_loader, optimizer, args, runtime, epoch, logger)
         test_err, _ = evaluate_clean(model, test_loader, runtime)
-        cert_err = 1.0
+        cert_err, test = 1.0, None
         line = f'clean test err {test_err:.4f}'
     else:
         stats = train_robust_epoch(net, train_loader, optimizer, args, runtime, epoch, eps, kappa,
@@ -664,6 +750,9 @@ def _run_epoch(net, model, train_loader, test_loader, optimizer, scheduler, stor
     scheduler.step()
     logger.info(f'epoch {epoch:4d} | eps {eps:.4f} kappa {kappa:.3f} lr {lr:.2e} | loss {stats.loss:.4f} '
                 f'err {stats.error:.4f} | {line} | {time.time() - start:.1f}s')
+    if metrics is not None:     # before the checkpoint: a resume rewrites this epoch's row
+        metrics.append(metrics_row(epoch, eps, kappa, lr, stats, eps_next, test_err, cert_err, test,
+                                   time.time() - start))
     if runtime.is_main and args.save:
         best_err = _save_epoch(model, optimizer, scheduler, stores, epoch, cert_err, best_err, args, logger)
     if runtime.distributed:
@@ -684,8 +773,12 @@ def _log_start(args, runtime, logger, model, stores):
                    f'layers {sorted(store.shapes)}')
 
 
-def final_report(args, runtime, logger, test_loader, test_store):
-    """Load the best model; clean, PGD and certified error at ``--epsilon``."""
+def final_report(args, runtime, logger, test_loader, test_store, trained=None):
+    """Load the best model; clean, PGD and certified error at ``--epsilon``.
+
+    As the authors do, the best weights start their global power iterations from the warm vectors
+    of the ``trained`` model (they load the best weights into the model they trained).
+    """
     path = args.prefix + '_best.pth'
     if not args.save:
         logger.info('--no_save: no best model to evaluate')
@@ -693,6 +786,8 @@ def final_report(args, runtime, logger, test_loader, test_store):
     if runtime.distributed:
         dist.barrier()
     model, state = load_model(path, args.data, args.model, args.init, runtime.device)
+    if trained is not None:
+        local_bound.load_global_vectors(model, local_bound.global_vectors_state(trained))
     logger.info(f"best model: epoch {state['epoch']}, certified error {state['err']:.4f} during training")
     report = evaluate_all(model, test_loader, args, runtime, logger, store=test_store)
     report['best_epoch'] = state['epoch']
@@ -712,7 +807,7 @@ def evaluate_all(model, loader, args, runtime, logger, store=None):
 
 # ----------------------------------------------------------------------------- entry point
 
-USER_ERRORS = (data_load.DataNotFoundError, CheckpointError, local_bound.BoundError)
+USER_ERRORS = (data_load.DataNotFoundError, CheckpointError, UsageError, local_bound.BoundError)
 
 
 def main(parse, train_set=None, test_set=None):
@@ -725,7 +820,7 @@ def main(parse, train_set=None, test_set=None):
         if runtime.is_main and args.save:
             os.makedirs(os.path.dirname(args.prefix) or '.', exist_ok=True)
             utils.dump_args(args, args.prefix + '_args.json')
-            logger.info(f'writing {args.prefix}_{{train.log,checkpoint.pth,best.pth}}')
+            logger.info(f'writing {args.prefix}_{{train.log,metrics.csv,checkpoint.pth,best.pth}}')
         return train(args, runtime, logger, train_set, test_set)
     except USER_ERRORS as error:
         print(f'error: {error}', file=sys.stderr)

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------- layers
@@ -249,8 +248,8 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
                    help='where the per-example singular vectors live: auto = the compute device when '
                         'they fit in half its free memory, else pinned host memory')
     g.add_argument('--store_dtype', choices=['auto', 'float32', 'float16', 'bfloat16'], default='auto',
-                   help='number format of the per-example singular vectors: auto = float16 when training '
-                        'on CUDA, float32 on CPU (the power iteration itself always runs in float32)')
+                   help='number format of the per-example singular vectors: auto = float32 (the authors\'); '
+                        'float16 halves their memory (the power iteration itself always runs in float32)')
     g.add_argument('--loader', choices=['auto', 'torch', 'device'], default='auto',
                    help='device = MNIST/CIFAR-10 held as one uint8 tensor on the compute device, batched, '
                         'cropped and flipped there; torch = DataLoader with per-image transforms; '
@@ -331,7 +330,8 @@ FLOAT_RANGES = {
     'starting_kappa': (0, 1, True, True), 'lr': (0, None, False, False), 'end_lr': (0, None, False, False),
     'momentum': (0, 1, True, False), 'weight_decay': (0, None, True, False), 'gamma': (0, None, False, False),
     'alpha': (0, None, False, False), 'init': (0, None, True, False), 'sparse': (0, None, True, False),
-    'sp_thres': (0, None, True, False),
+    'sp_thres': (0, None, True, False), 'radius_max': (0, None, False, False),
+    'radius_tol': (0, None, False, False), 'lip_eps': (0, None, False, False),
 }
 
 

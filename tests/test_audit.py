@@ -1,0 +1,55 @@
+"""The audits on the session's trained MNIST model: attacks never break a certificate, converged norms
+never flip one at the default settings, and both audits fail when the certifier is made to lie."""
+import pytest
+
+import audit
+import evaluate
+import local_bound
+from conftest import MNIST_MINI
+
+COMMON = ['--data', 'mnist', '--model', 'relux', '--data_dir', str(MNIST_MINI), '--epsilon', '1.58',
+          '--workers', '0', '--device', 'cpu', '--gloro']
+
+
+def _flags(trained_mnist, *extra, limit=150):
+    return COMMON + ['--saved_model', str(trained_mnist.prefix), '--limit_test', str(limit), *extra]
+
+
+def test_attacks_break_no_certificate(trained_mnist):
+    """PGD (3 restarts x 50 steps here; 10 x 100 by default), multi-targeted PGD and 50 random points."""
+    report = audit.main(_flags(trained_mnist, '--restarts', '3', '--niter', '50', '--samples', '50',
+                               '--test_sniter', '100', '--test_opt_iter', '100'))
+    assert report.certified >= 5, 'vacuous: too few certified examples to audit'
+    assert report.broken == 0 and report.smallest_margin > 0
+
+
+def test_a_sabotaged_certifier_is_caught(trained_mnist, monkeypatch):
+    """The bound scaled by 0.1 certifies points the attacks can break: proof the audit can fail."""
+    real = local_bound.lipschitz_product
+
+    def optimistic(*args, **kwargs):
+        product, finals, norms = real(*args, **kwargs)
+        return product * 0.1, finals, norms
+
+    monkeypatch.setattr(local_bound, 'lipschitz_product', optimistic)
+    with pytest.raises(SystemExit) as info:
+        audit.main(_flags(trained_mnist, '--restarts', '1', '--niter', '20', '--no-targeted',
+                          '--samples', '0', '--test_sniter', '20', '--test_opt_iter', '20'))
+    assert info.value.code == 1
+
+
+def test_converged_norms_flip_no_certificate_at_the_default_settings(trained_mnist):
+    result = evaluate.main(_flags(trained_mnist, '--no_pgd', '--audit', '--strict'))
+    report = result['audit']
+    assert report.certified >= 5 and report.flipped == 0
+    assert max(report.underestimates) < 1e-2
+
+
+def test_one_power_iteration_over_certifies_and_the_audit_says_so(trained_mnist, capsys):
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(_flags(trained_mnist, '--no_pgd', '--audit', '--strict', '--test_sniter', '1'))
+    assert info.value.code == 1
+    out = capsys.readouterr().out
+    assert 'certificates do not hold with converged norms' in out
+    flipped, certified = [int(w) for w in out.split('audit: ')[-1].split()[:3:2]]
+    assert 0 < flipped <= certified
