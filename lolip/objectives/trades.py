@@ -1,6 +1,7 @@
 """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(p(x) || p(x')) (SPEC_lolip section 2).
 
-x' maximises sum_i KL(p(x_i) || p(x'_i)) with the model in EVAL mode: start x + 0.001 N(0, 1),
+x' maximises sum_i KL(p(x_i) || p(x'_i)) with the model in EVAL mode: start x + 0.001 N(0, 1)
+(clipped to [0, 1]; the original clips only after the first step),
 K sign steps of 2 eps / K (L-infinity: project to the eps-box, then clip to [0, 1]; the L2 variant
 takes normalised-gradient steps, clips, then rescales into the ball). The loss, in train mode, is
 sum CE + beta * KL_sum (``strades``) or sum CE + beta * KL_sum / B (plain ``trades``); its gradient
