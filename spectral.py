@@ -291,27 +291,29 @@ class _LanczosCycle:
         self.converged = torch.zeros(b, dtype=torch.bool, device=p.device)
 
     def run(self):
-        active = torch.arange(self.P.size(0), device=self.P.device)
+        count = self.P.size(0)
+        active = None                 # all samples: plain slices, no gathers
         q_prev = None
         for j in range(self.steps):
-            q_prev = self._step(j, active, q_prev)
-            theta, y = self._ritz(j, active)
+            rows = slice(None) if active is None else active
+            q_prev = self._step(j, rows, q_prev)
+            theta, y = self._ritz(j, rows)
             sigma = theta.clamp(min=0).sqrt()
-            residual = self.beta[active, j] * y[:, -1].abs() / sigma.clamp(min=torch.finfo(sigma.dtype).tiny)
-            stop = (residual <= self.tol) | (sigma == 0)
-            if j + 1 == self.steps:
-                stop = torch.ones_like(stop)
+            residual = self.beta[rows, j] * y[:, -1].abs() / sigma.clamp(min=torch.finfo(sigma.dtype).tiny)
+            converged = (residual <= self.tol) | (sigma == 0)
+            stop = converged | (j + 1 == self.steps)
             if stop.any():
-                self._finish(j, active[stop], sigma[stop], y[stop])
-                self.converged[active[stop]] = (residual[stop] <= self.tol) | (sigma[stop] == 0)
-                keep = ~stop
-                active, q_prev = active[keep], q_prev[keep]
-            if not active.numel():
-                break
+                ids = torch.arange(count, device=stop.device) if active is None else active
+                self._finish(j, ids[stop], sigma[stop], y[stop])
+                self.converged[ids[stop]] = converged[stop]
+                active, q_prev = ids[~stop], q_prev[~stop]
+                if not active.numel():
+                    break
         return self.sigma, self.final, self.converged
 
     def _step(self, j, active, q_prev):
-        """One application of M and of M^T for the active samples; fills alpha_j, beta_j, p_{j+1}."""
+        """One application of M and of M^T for the ``active`` samples (a slice or an index tensor);
+        fills alpha_j, beta_j and p_{j+1}."""
         rows = self.rows[active]
         p = self.P[active, j]
         r = self.masked.forward(p, rows)

@@ -1,0 +1,214 @@
+"""Certification speed: the authors' procedure vs ours, side by side on the same weights and images.
+
+* authors: power iteration (``--test_sniter`` 2000 rounds, one early stop for the whole batch when
+  no vector moves by 1e-3), ``--test_opt_iter`` 1000 rounds of clip-and-rescale on the pairwise
+  B x C x C layout: ``certify(..., method='power', translation='iterative', layout='pairwise')``;
+* ours: Lanczos with per-sample stopping and the exact last-layer solver on the label column:
+  ``certify(..., method='lanczos', translation='exact')``.
+
+Both run in one process, alternating per batch, from the same random start vectors and the same
+global power-iteration vectors. The table gives images per second, the peak memory above the
+start of each run (host: peak resident set, VmHWM reset per run; CUDA: max_memory_allocated), the
+certified counts, the agreement of the certified sets and the largest relative amount by which
+one of our bounds (the Lipschitz product, the worst-case margin) is below theirs.
+
+Weights: ``--checkpoint MODEL=PATH`` (e.g. the authors' ``cifar_6C2F_best.pth``) and real CIFAR-10
+test images with ``--data_dir``; otherwise a short training on synthetic CIFAR-sized images (class
+templates plus noise; untrained models certify nothing), cached under ``runs/``, and test images
+drawn from the same distribution.
+
+    python bench/certify.py --images 128 --batch 128 --models c6f2_relux --eps 0.02
+    python bench/certify.py --device cuda --checkpoint c6f2_relux=pretrained/relu/cifar_6C2F_best.pth \\
+        --data_dir data/
+"""
+import argparse
+import os
+import time
+
+import common  # noqa: F401  (puts the repository on sys.path)
+import torch
+import torch.nn.functional as F
+
+from common import (device_peak_bytes, host_peak_bytes, host_rss_bytes, machine_lines, print_table,
+                    reset_device_peak, reset_host_peak, sync)
+import local_bound
+import trainer
+import utils
+
+AUTHORS = dict(method='power', translation='iterative', layout='pairwise')
+OURS = dict(method='lanczos', translation='exact', layout='label')
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--models', default='c6f2_relux,c6f2_clmaxmin')
+    p.add_argument('--eps', default='0.02,0.1412', help='comma-separated radii (36/255 = 0.1412)')
+    p.add_argument('--batch', type=int, default=256)
+    p.add_argument('--images', type=int, default=256, help='test images per configuration')
+    p.add_argument('--test_sniter', type=int, default=2000)
+    p.add_argument('--test_opt_iter', type=int, default=1000)
+    p.add_argument('--checkpoint', action='append', default=[], metavar='MODEL=PATH')
+    p.add_argument('--data_dir', default=None, help='real CIFAR-10 test images from here')
+    p.add_argument('--train_steps', type=int, default=400, help='synthetic training steps without a checkpoint')
+    p.add_argument('--train_eps', type=float, default=0.1)
+    p.add_argument('--cache', default='runs', help='where the synthetic-trained weights are kept')
+    p.add_argument('--threads', type=int, default=None)
+    p.add_argument('--seed', type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- data and weights
+
+def synthetic(count, seed, device):
+    """CIFAR-sized images: one smooth random template per class, plus noise, in [0, 1]."""
+    gen = torch.Generator().manual_seed(1234)
+    templates = F.interpolate(torch.randn(10, 3, 4, 4, generator=gen), size=(32, 32), mode='bilinear',
+                              align_corners=False)
+    gen.manual_seed(seed)
+    y = torch.randint(0, 10, (count,), generator=gen)
+    x = (0.5 + 0.2 * templates[y] + 0.1 * torch.randn(count, 3, 32, 32, generator=gen)).clamp(0, 1)
+    return x.to(device), y.to(device)
+
+
+def real_test_images(data_dir, count, device):
+    import data_load
+    _, test_set = data_load.build_datasets('cifar10', data_dir, augmentation=False, download=False)
+    xs, ys = zip(*(test_set[i] for i in range(count)))
+    return torch.stack(xs).to(device), torch.tensor(ys).to(device)
+
+
+def train_synthetic(model, steps, eps, device, seed):
+    """Adam on synthetic images: a tenth of the steps plain, then the worst-case loss at ``eps``
+    (with a little clean loss), so that the Lipschitz bound shrinks quickly."""
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    x_all, y_all = synthetic(4096, seed + 1, device)
+    for step in range(steps):
+        batch = torch.randint(0, 4096, (32,), device=device)
+        x, y = x_all[batch], y_all[batch]
+        if step < steps // 10:
+            loss = F.cross_entropy(model(x), y)
+        else:
+            out = local_bound.bound_outputs(model, x, y, eps, sniter=1, opt_iter=1)
+            loss = 0.1 * F.cross_entropy(out.logits, y) + 0.9 * F.cross_entropy(out.worst, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        utils.clamp_thresholds(model)
+    return model
+
+
+def load_weights(name, args, device):
+    """(model, where the weights came from)."""
+    paths = dict(item.split('=', 1) for item in args.checkpoint)
+    if name in paths:
+        model, _ = trainer.load_model(paths[name], 'cifar10', name, 2.0, device)
+        return model.eval(), paths[name]
+    torch.manual_seed(args.seed)
+    model = utils.select_model('cifar10', name, 2.0, device)
+    cache = os.path.join(args.cache, f'bench_certify_{name}_{args.train_steps}_{args.train_eps}.pth')
+    if os.path.exists(cache):
+        model.load_state_dict(torch.load(cache, map_location=device))
+        return model.eval(), f'{cache} (synthetic training, cached)'
+    start = time.perf_counter()
+    train_synthetic(model, args.train_steps, args.train_eps, device, args.seed)
+    os.makedirs(args.cache, exist_ok=True)
+    torch.save(model.state_dict(), cache)
+    return model.eval(), (f'{args.train_steps} synthetic training steps at eps {args.train_eps} '
+                          f'({time.perf_counter() - start:.0f} s), saved to {cache}')
+
+
+# ----------------------------------------------------------------------------- measuring
+
+class Run:
+    """Totals of one configuration over the batches: seconds, peak memory, outputs."""
+
+    def __init__(self, options):
+        self.options, self.seconds, self.peak, self.outputs = options, 0.0, 0, []
+
+    def certify(self, model, x, y, eps, args, starts, global_state, device):
+        local_bound.load_global_vectors(model, global_state)
+        torch.manual_seed(starts)                   # both configurations: the same start vectors
+        base = host_rss_bytes()
+        reset_host_peak()
+        reset_device_peak(device)
+        sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = local_bound.bound_outputs(model, x, y, eps, sniter=args.test_sniter,
+                                            opt_iter=args.test_opt_iter, **self.options)
+            certified = local_bound.certified_predictions(out, y)
+        sync(device)
+        self.seconds += time.perf_counter() - start
+        peak = device_peak_bytes(device) if device.type == 'cuda' else host_peak_bytes() - base
+        self.peak = max(self.peak, peak)
+        self.outputs.append((certified, out.lipschitz, margins(out.worst, y)))
+
+    def cat(self, k):
+        return torch.cat([o[k] for o in self.outputs])
+
+
+def margins(worst, y):
+    """Worst-case margin per sample: the label's worst-case logit minus the largest other one."""
+    own = worst.gather(1, y.view(-1, 1)).squeeze(1)
+    return own - worst.scatter(1, y.view(-1, 1), float('-inf')).max(dim=1).values
+
+
+def compare(model, x, y, eps, args, device):
+    """Both configurations on ``x`` in batches of ``args.batch``, alternating which goes first."""
+    global_state = {i: v.clone() for i, v in local_bound.global_vectors_state(model).items()}
+    runs = {'authors': Run(AUTHORS), 'ours': Run(OURS)}
+    for k, start in enumerate(range(0, len(y), args.batch)):
+        xb, yb = x[start:start + args.batch], y[start:start + args.batch]
+        order = ['authors', 'ours'] if k % 2 == 0 else ['ours', 'authors']
+        for name in order:
+            runs[name].certify(model, xb, yb, eps, args, args.seed + k, global_state, device)
+    return runs
+
+
+def summary_rows(name, eps, runs, count):
+    a, o = runs['authors'], runs['ours']
+    same = (a.cat(0) == o.cat(0)).float().mean().item()
+    lip_below = ((a.cat(1) - o.cat(1)) / a.cat(1).abs().clamp(min=1e-12)).max().item()
+    # a margin below theirs means a looser certificate; relative to the size of their margin
+    margin_below = ((o.cat(2) - a.cat(2)).neg() / a.cat(2).abs().clamp(min=1e-6)).max().item()
+    rows = []
+    for label, run in (("authors' procedure", a), ('ours (lanczos + exact)', o)):
+        rows.append([name, f'{eps:.4f}', label, f'{run.seconds:.1f}', f'{count / run.seconds:.2f}',
+                     f'{run.peak / 2**20:.0f}', f'{int(run.cat(0).sum())}/{count}'])
+    rows[1] += [f'{a.seconds / o.seconds:.1f}x', f'{100 * same:.1f}%', f'{lip_below:.1e}', f'{margin_below:.1e}']
+    rows[0] += ['1.0x', '', '', '']
+    return rows
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    for line in machine_lines(device):
+        print(line)
+    if args.data_dir:
+        x, y = real_test_images(args.data_dir, args.images, device)
+        print(f'images: the first {args.images} CIFAR-10 test images from {args.data_dir}')
+    else:
+        x, y = synthetic(args.images, args.seed + 2, device)
+        print(f'images: {args.images} synthetic CIFAR-sized test images (class templates + noise)')
+    header = ['model', 'eps', 'procedure', 'seconds', 'images/s', 'peak MiB', 'certified', 'speed-up',
+              'same sets', 'max L below', 'max margin below']
+    rows = []
+    for name in args.models.split(','):
+        model, source = load_weights(name, args, device)
+        print(f'{name}: {source}')
+        for eps in (float(e) for e in args.eps.split(',')):
+            runs = compare(model, x, y, eps, args, device)
+            rows += summary_rows(name, eps, runs, len(y))
+            print_table(header, rows[-2:])
+    print()
+    print_table(header, rows)
+    print('"max L below": largest (theirs - ours) / theirs of the per-sample Lipschitz products (> 0: ours '
+          'lower); "max margin below": largest (their margin - our margin) / |their margin| (> 0: ours looser).')
+
+
+if __name__ == '__main__':
+    main()
