@@ -108,7 +108,7 @@ def small_relux_net(shape, seed):
 
 def assert_below_certified(model, x, eps, norm):
     found = empirical.local_lipschitzness(model, x, eps, norm=norm)
-    bound = empirical.certified_ratio_bound(model, x, eps, norm=norm, sniter=300)
+    bound = empirical.certified_ratio_bound(model, x, eps, norm=norm, sniter=100)
     assert (found <= bound * (1 + 1e-4)).all(), (found / bound).max()
     return found / bound
 
@@ -136,8 +136,8 @@ def test_trained_mnist_network_stays_below_the_certified_bound():
         optimizer.step()
         utils.clamp_thresholds(model)
     test = datasets.MNIST(str(MNIST_MINI), train=False, download=False)
-    xt = test.data[:32].float().div(255).unsqueeze(1)
-    assert (model(xt).argmax(1) == test.targets[:32]).float().mean() > 0.6   # it did learn
+    xt = test.data[:16].float().div(255).unsqueeze(1)
+    assert (model(xt).argmax(1) == test.targets[:16]).float().mean() > 0.6   # it did learn
     for eps in (0.02, 0.1):                       # 0.1: the paper's MNIST eps
         ratio = assert_below_certified(model, xt, eps, 2)
     assert ratio.max() > 0.01                     # the comparison is not vacuous
