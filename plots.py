@@ -123,6 +123,21 @@ def _legend_or_note(ax, note):
         ax.text(0.5, 0.5, note, transform=ax.transAxes, ha='center', va='center', color='grey')
 
 
+def _bin_edges(values):
+    """HISTOGRAM_BINS equal bins over the range of ``values`` (widened a little when they are all equal)."""
+    low, high = float(values.min()), float(values.max())
+    pad = 0.02 * (high - low) or 0.01 * max(abs(high), 1e-12)
+    return np.linspace(low - pad, high + pad, HISTOGRAM_BINS + 1)
+
+
+def _log_if_wide(ax, xs, ys):
+    """Log axes for the directions whose positive values span more than a decade."""
+    for values, scale in ((xs, ax.set_xscale), (ys, ax.set_yscale)):
+        values = values[values > 0]
+        if len(values) and values.max() > 10 * values.min():
+            scale('log')
+
+
 def certified_fraction(radii, eps):
     """Fraction of the examples with radius >= e, for every e in ``eps``."""
     return (radii[None, :] >= eps[:, None]).mean(axis=1)
@@ -167,11 +182,13 @@ def tightness_figure(runs):
     ratios = {run.name: _finite_values(run.radius['local_bound_eps'] / run.radius['global_bound'])
               for run in evaluated}
     if ratios:
-        edges = np.linspace(0.0, max(1.0, max(float(r.max()) for r in ratios.values())), HISTOGRAM_BINS + 1)
+        edges = _bin_edges(np.concatenate(list(ratios.values())))
         for name, ratio in ratios.items():
             counts, _ = np.histogram(ratio, bins=edges)
             spread.plot(edges, np.append(counts, counts[-1]), drawstyle='steps-post',
                         label=f'{name} (median {np.median(ratio):.3f})')
+    if ratios:
+        spread.axvline(1.0, color='grey', linestyle=':', linewidth=1)
     spread.set_xlabel('local / global bound at the evaluation eps (ratio)')
     spread.set_ylabel('test examples (count per bin)')
     spread.set_title('after training, per test example', fontsize=10)
@@ -240,8 +257,10 @@ def empirical_figure(runs):
         ax.plot([low, high], [low, high], color='grey', linestyle='--', linewidth=1, label='_diagonal')
         ax.annotate('certified bound (y = x)', (high, high), xytext=(-4, -14), textcoords='offset points',
                     ha='right', fontsize=8, color='grey')
-    ax.set_xscale('log')
-    ax.set_yscale('log')
+    xs = np.concatenate([r.lipschitz['certified_bound'] for r in runs]) if runs else np.ones(1)
+    ys = np.concatenate([np.r_[r.lipschitz['lip_max'], r.lipschitz['lip_as_published']] for r in runs]) \
+        if runs else np.ones(1)
+    _log_if_wide(ax, xs[np.isfinite(xs)], np.r_[ys[np.isfinite(ys)], xs[np.isfinite(xs)]])
     norms = {f"p = {r.lipschitz['norm'][0]:g}, L-inf box eps {r.lipschitz['eps'][0]:g}" for r in runs}
     ax.set_xlabel('certified bound on ||f(x) - f(x\')||_1 / ||x - x\'||_p (logits per input unit)')
     ax.set_ylabel('empirical ||f(x) - f(x\')||_1 / ||x - x\'||_p')
