@@ -451,13 +451,29 @@ def rule_for(layer):
     raise TypeError(f'no bound rule for layer type {type(layer).__name__}; add one to local_bound.RULES')
 
 
+def per_sample_eps(eps, x):
+    """``eps`` (a number, or one per sample) as a tensor [B] on x's device; BoundError unless every
+    value is finite and >= 0."""
+    values = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+    if values.dim() == 0:
+        values = values.expand(x.size(0))
+    if values.shape != (x.size(0),):
+        raise BoundError(f'eps must be a number or one value per sample ({x.size(0)}), not shape '
+                         f'{tuple(values.shape)}')
+    if not (torch.isfinite(values).all() and (values >= 0).all()):
+        bad = values[~(torch.isfinite(values) & (values >= 0))][0]
+        raise BoundError(f'eps must be a finite number >= 0, not {float(bad)}')
+    return values
+
+
 def propagate(model, x, eps, options):
-    """Carry ball and box from the input to the penultimate layer. Returns the final BoundState."""
+    """Carry ball and box from the input to the penultimate layer. Returns the final BoundState.
+
+    ``eps``: one L2 radius for the batch, or a tensor [B] with one per sample."""
     check_boundable(model)
-    if not math.isfinite(float(eps)) or float(eps) < 0:
-        raise BoundError(f'eps must be a finite number >= 0, not {float(eps)}')
-    radius = torch.full((x.size(0),), float(eps), device=x.device, dtype=x.dtype)
-    state = BoundState(x, radius, x - eps, x + eps)
+    radius = per_sample_eps(eps, x).clone()
+    shaped = radius.view(-1, *([1] * (x.dim() - 1)))
+    state = BoundState(x, radius, x - shaped, x + shaped)
     for index, layer in enumerate(list(model)[:-1]):
         state = rule_for(layer)(layer, index, state, options)
     return state
@@ -697,7 +713,8 @@ def bound_outputs(model, x, y, eps, *, sniter, opt_iter, store=None, index=None,
         store.scatter(index, finals)
     last = list(model)[-1]
     logits = last(state.centre)
-    column = label_column(last.weight, y, state, eps * product, opt_iter, layout=layout, translation=translation)
+    column = label_column(last.weight, y, state, per_sample_eps(eps, x) * product, opt_iter, layout=layout,
+                          translation=translation)
     sparsity = state.sparsity if torch.is_tensor(state.sparsity) else logits.new_zeros(())
     global_product = math.prod(rec.global_sigma for rec in state.records) if state.records else logits.new_ones(())
     return BoundOutput(logits, translate(logits, y, column, gloro), product, sparsity, norms, state.varying,

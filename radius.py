@@ -4,8 +4,8 @@ Search. Every example of a batch is first certified on a shared grid of eps valu
 evenly spaced points up to ``eps_max``, plus ``anchors`` such as the evaluation eps and the
 paper's radii): one bound pass over the whole batch per grid point. Each example's bracket is
 then [last grid point before its first failure, first failure], and the brackets of all examples
-are bisected together: at every step each example is certified at its own midpoint, one
-``certify`` call per distinct midpoint (``certify`` takes one eps per call), so masks are
+are bisected together: at every step each example is certified at its own midpoint, in one
+batched ``certify`` call with one eps per example, so masks are
 recomputed at every probed eps. After ``steps = ceil(log2(widest grid gap / tol))`` steps the
 reported radius is certified and the upper end, ``radius + tol`` at most, is not: ``tol`` is an
 absolute tolerance in eps units. Misclassified examples get radius 0; examples still certified at
@@ -47,23 +47,13 @@ def bisection_steps(points, tol):
     return max(0, math.ceil(math.log2(widest / tol)))
 
 
-def per_eps(eps, fn):
-    """``fn(rows, e)`` once per distinct value e of the [B] tensor ``eps``; results put back in order."""
-    out = None
-    for value in torch.unique(eps):
-        rows = (eps == value).nonzero().squeeze(1)
-        part = fn(rows, float(value)).cpu()
-        if out is None:
-            out = part.new_empty(len(eps))
-        out[rows] = part
-    return out
-
-
 def _certifier(model, x, y, options, store, index):
-    """``certify(rows, eps)``: the certificate of examples ``rows`` at one eps (bool, CPU)."""
+    """``certify(rows, eps)``: the certificate of examples ``rows`` at ``eps`` (a number, or one
+    per row), as a bool CPU tensor: one batched bound pass."""
     def certify(rows, eps):
         on_device = rows.to(x.device)
         subset = None if index is None else index[rows.to(index.device)]
+        eps = eps.to(x.device) if torch.is_tensor(eps) else eps
         return local_bound.certify(model, x[on_device], y[on_device], eps, store=store, index=subset,
                                    **options).cpu()
     return certify
@@ -110,17 +100,18 @@ def certified_radii(model, x, y, *, eps_max, tol=1e-3, grid=8, anchors=(), eval_
     searching = (correct & (first < len(points))).nonzero().squeeze(1)
     for _ in range(steps if len(searching) else 0):
         middle = (lower[searching] + upper[searching]) / 2
-        ok = per_eps(middle, lambda rows, e: certify(searching[rows], e))
+        ok = certify(searching, middle)
         lower[searching] = torch.where(ok, middle, lower[searching])
         upper[searching] = torch.where(ok, upper[searching], middle)
     upper = torch.where(correct, upper, torch.zeros_like(upper))
     result = {'prediction': prediction, 'correct': correct, 'radius': lower, 'upper': upper,
               'capped': correct & (first == len(points)), 'monotone': monotone,
-              'local_bound': per_eps(lower, lambda rows, e: local_bound.local_lipschitz(
-                  model, x[rows.to(x.device)], e, sniter=sniter)),
+              'local_bound': local_bound.local_lipschitz(model, x, lower.to(x.device), sniter=sniter,
+                                                         method=method).cpu(),
               'tol': tol, 'steps': steps, 'non_monotone': int((~monotone).sum())}
     if eval_eps is not None:
-        result['local_bound_eps'] = local_bound.local_lipschitz(model, x, eval_eps, sniter=sniter).cpu()
+        result['local_bound_eps'] = local_bound.local_lipschitz(model, x, eval_eps, sniter=sniter,
+                                                                method=method).cpu()
     return result
 
 

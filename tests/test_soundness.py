@@ -232,3 +232,20 @@ def test_a_diverging_lr_stops_with_exit_status_3_and_no_nan_file(tmp_path, monke
     assert info.value.code == 3
     assert 'NaN or inf' in capsys.readouterr().err
     _all_saved_tensors_finite(tmp_path / 'pretrained')
+
+
+def test_one_eps_per_sample_equals_one_pass_per_sample():
+    """The radius search certifies every example at its own eps in one pass; that pass must give
+    each example exactly what a pass at its eps alone gives (small layers: exact norms)."""
+    model = _easy_model()
+    x = torch.rand(4, 12)
+    y = model(x).argmax(1).detach()
+    eps = torch.tensor([0.0, 0.05, 0.2, 1.0])
+    options = dict(sniter=500, opt_iter=1, method='precise', translation='exact')
+    together = local_bound.bound_outputs(model, x, y, eps, **options)
+    for i in range(4):
+        alone = local_bound.bound_outputs(model, x[i:i + 1], y[i:i + 1], float(eps[i]), **options)
+        torch.testing.assert_close(together.worst[i], alone.worst[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(together.lipschitz[i], alone.lipschitz[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(local_bound.BoundError, match='one value per sample'):
+        local_bound.certify(model, x, y, eps[:3])
