@@ -141,7 +141,7 @@ def audit_flags(parser):
     g.add_argument('--targeted', action=argparse.BooleanOptionalAction, default=True,
                    help='also run a targeted PGD towards every other class (multi-targeted)')
     g.add_argument('--samples', type=int, default=100, help='random points of the ball per example')
-    parser.set_defaults(restarts=10, niter=100)
+    parser.set_defaults(restarts=10, niter=100, **trainer.EVALUATION_DEFAULTS)
 
 
 def parse_args(argv=None):

@@ -13,6 +13,9 @@ import utils
 
 
 def extra_flags(parser):
+    """evaluate.py's flags; certificates default to Lanczos + the exact solver, 2000 steps at most
+    (``--spectral power --translation iterative`` is the authors' procedure)."""
+    parser.set_defaults(**trainer.EVALUATION_DEFAULTS)
     parser.add_argument('--no_pgd', action='store_true', help='skip the PGD attack')
     parser.add_argument('--audit', action='store_true',
                         help='re-certify the certified examples with converged float64 norms (1e-6) and '

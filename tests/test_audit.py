@@ -17,8 +17,7 @@ def _flags(trained_mnist, *extra, limit=150):
 
 def test_attacks_break_no_certificate(trained_mnist):
     """PGD (3 restarts x 50 steps here; 10 x 100 by default), multi-targeted PGD and 50 random points."""
-    report = audit.main(_flags(trained_mnist, '--restarts', '3', '--niter', '50', '--samples', '50',
-                               '--test_sniter', '100', '--test_opt_iter', '100'))
+    report = audit.main(_flags(trained_mnist, '--restarts', '3', '--niter', '50', '--samples', '50'))
     assert report.certified >= 5, 'vacuous: too few certified examples to audit'
     assert report.broken == 0 and report.smallest_margin > 0
 
@@ -39,6 +38,9 @@ def test_a_sabotaged_certifier_is_caught(trained_mnist, monkeypatch):
 
 
 def test_converged_norms_flip_no_certificate_at_the_default_settings(trained_mnist):
+    """evaluate.py's defaults (Lanczos, exact solver, at most 2000 steps). Measured on a model of the
+    same recipe: 0 of 25 flipped, largest under-estimate 6.9e-4 (power iteration with 100 rounds,
+    the training scripts' test default: 3 of 27 flipped, under-estimates up to 2.3%)."""
     result = evaluate.main(_flags(trained_mnist, '--no_pgd', '--audit', '--strict'))
     report = result['audit']
     assert report.certified >= 5 and report.flipped == 0
@@ -47,7 +49,8 @@ def test_converged_norms_flip_no_certificate_at_the_default_settings(trained_mni
 
 def test_one_power_iteration_over_certifies_and_the_audit_says_so(trained_mnist, capsys):
     with pytest.raises(SystemExit) as info:
-        evaluate.main(_flags(trained_mnist, '--no_pgd', '--audit', '--strict', '--test_sniter', '1'))
+        evaluate.main(_flags(trained_mnist, '--no_pgd', '--audit', '--strict', '--spectral', 'power',
+                             '--test_sniter', '1'))
     assert info.value.code == 1
     out = capsys.readouterr().out
     assert 'certificates do not hold with converged norms' in out
