@@ -432,7 +432,8 @@ class TestStats:
     certified_err: float
     robust_loss: float
     examples: int
-    lipschitz: torch.Tensor      # per-example Lipschitz products used by the certificates (CPU)
+    lipschitz: torch.Tensor      # per-example local Lipschitz products (CPU; with --bound global
+                                 # computed for the logs, the certificates used the global one)
     global_lipschitz: float      # product of the plain spectral norms, converged (nan: no batch)
     varying: dict                # {activation layer index: mean fraction of varying neurons}
 
@@ -457,7 +458,10 @@ def evaluate_certified(model, loader, args, runtime, eps, store=None):
         uncertified += (~local_bound.certified_predictions(out, y)).sum().item()
         loss += F.cross_entropy(out.worst, y, reduction='sum').item()
         total += len(y)
-        products.append(out.lipschitz.float().cpu())
+        local = out.lipschitz
+        if args.bound == 'global':      # the metrics compare the local bound with the global one
+            local = local_bound.local_lipschitz(model, x, eps, sniter=args.test_sniter)
+        products.append(local.float().cpu())
         if math.isnan(global_product):      # converged, so that local <= global holds in the log
             global_product = local_bound.global_lipschitz(model, input_shape=x.shape[1:], precise=True)
         for layer, fraction in getattr(out, 'varying', {}).items():
