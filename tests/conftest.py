@@ -51,3 +51,14 @@ def trained_mnist(tmp_path_factory):
     y = torch.tensor([test_set[i][1] for i in range(len(test_set))])
     return SimpleNamespace(folder=folder, prefix=prefix, report=report, test_set=test_set,
                            train_set=train_set, model=model, x=x, y=y, eps=1.58)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the 2-core machines run several processes at once, and small passes run
+    far faster so."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

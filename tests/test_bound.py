@@ -24,12 +24,7 @@ from utils import ClampGroupSort, Flatten, ReLU_x
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # ============================================================================ independent helpers

@@ -17,15 +17,6 @@ needs_mnist = pytest.mark.skipif(not (MNIST_MINI / 'MNIST' / 'raw').is_dir(),
 
 
 @pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine these small passes run far faster so."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def checkpoints(tmp_path):
     """A Local-Lip relux checkpoint (trainer's format) and a lolip CNN001 one (lolip's format),
     both untrained: the table's plumbing and its invariants are what is checked."""

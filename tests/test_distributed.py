@@ -203,13 +203,7 @@ def test_distributed_evaluation_counts_every_example_once(runs):
 
 # ----------------------------------------------------------------------------- in one process
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the 2-core machines run several processes at once."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_shards_are_disjoint_equal_and_split_one_process_batches():

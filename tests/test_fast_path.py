@@ -29,13 +29,7 @@ from authors_step import AuthorsBound, authors_bound  # noqa: E402
 MODELS = [('mnist', 'relux'), ('cifar10', 'c6f2_relux'), ('cifar10', 'c6f2_clmaxmin'), ('cifar10', 'standrelu')]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Small tensors: one thread is as fast and does not stall when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 class FixedStarts:

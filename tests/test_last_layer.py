@@ -12,12 +12,7 @@ import local_bound as lb
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def reference(w, lower, upper, r, rounds=200):

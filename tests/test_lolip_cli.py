@@ -23,14 +23,6 @@ EXAMPLE_1 = ('--experiment experiment01 --no-hooks --norm inf --eps 0.1 --datase
              '--model ce-tor-CNN001 --attack pgd --random_seed 0').split()
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize('name, objective, params', [
     ('ce-tor-CNN001', 'natural', {}),
     ('advce-tor-ResNet50-adambs128', 'adv', {}),

@@ -21,14 +21,6 @@ POSITIONS = [29, 30, 32, 33, 37, 38, 79, 80, 100, 117, 118, 121, 150, 151, 268, 
              299, 300, 319, 364, 365, 382, 388, 389, 397, 398, 999]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fake_imagenet(root, images_per_class=1):
     """1000 WNID folders in train/ and val/ (sorted order = standard index); images only at
     POSITIONS, each a random 80x100 RGB JPEG-free PNG."""

@@ -8,9 +8,8 @@ import torch.nn as nn
 
 import attacks
 from lolip.grammar import parse_model
-from lolip.objectives import build_objective, llr, trades, tulip
+from lolip.objectives import build_objective, llr, trades
 from lolip.objectives.adversarial import adversarial_loss
-from lolip.objectives.advbeta import advbeta_loss
 from lolip.objectives.natural import natural_loss
 
 B, C = 5, 3

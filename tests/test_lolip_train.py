@@ -19,15 +19,6 @@ needs_mnist = pytest.mark.skipif(not (MNIST_MINI / 'MNIST' / 'raw').is_dir(),
 EPS = 0.1
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine this tiny CNN runs ~20x faster so."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_cnn():
     """A CNN small enough for a test (CNN001 costs 60x more per digit): 2 strided convs + 2 fc."""
     return nn.Sequential(nn.Conv2d(1, 8, 4, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 4, 2, 1), nn.ReLU(),

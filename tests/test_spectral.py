@@ -21,12 +21,7 @@ DT = torch.float64
 MNIST_MINI = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'mnist-mini'
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def explicit(layer, in_shape):

@@ -13,11 +13,13 @@ from torchvision.datasets import ImageFolder
 
 import trainer
 import utils
-from test_distributed import ENV, launch, one_thread, store_lines  # noqa: F401 (one_thread: autouse)
+from test_distributed import ENV, launch, store_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'TinyImagenet'))
 import train_tiny_multi  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 WNIDS = ['n01443537', 'n01629819', 'n01641577']
 TINY_LAYERS = [0, 6, 12, 14, 17]

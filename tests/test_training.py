@@ -1,17 +1,14 @@
 """Flags, schedules, checkpoints, --resume and the end-to-end MNIST run (training raises certified accuracy)."""
 import functools
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import TensorDataset
 
-import data_load
 import evaluate
 import local_bound
 import trainer
