@@ -11,7 +11,7 @@ COMMON = ['--data', 'mnist', '--model', 'relux', '--data_dir', str(MNIST_MINI), 
           '--workers', '0', '--device', 'cpu', '--gloro']
 
 
-def _flags(trained_mnist, *extra, limit=150):
+def _flags(trained_mnist, *extra, limit=100):
     return COMMON + ['--saved_model', str(trained_mnist.prefix), '--limit_test', str(limit), *extra]
 
 
