@@ -155,7 +155,13 @@ def margins(worst, y):
 
 
 def compare(model, x, y, eps, args, device):
-    """Both configurations on ``x`` in batches of ``args.batch``, alternating which goes first."""
+    """Both configurations on ``x`` in batches of ``args.batch``, alternating which goes first.
+
+    The global power-iteration vectors are converged first and every run starts from them: the
+    global norms size the boxes and so the masks, which must be the same for both procedures.
+    """
+    with torch.no_grad():
+        local_bound.global_lipschitz(model, sniter=args.test_sniter, input_shape=x.shape[1:])
     global_state = {i: v.clone() for i, v in local_bound.global_vectors_state(model).items()}
     runs = {'authors': Run(AUTHORS), 'ours': Run(OURS)}
     for k, start in enumerate(range(0, len(y), args.batch)):
