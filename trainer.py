@@ -445,7 +445,9 @@ def certified_batches(model, loader, args, runtime, eps, store=None):
     options['sp_thres'] = None
     for x, y, index in _progress(loader, runtime, f'certify eps={eps:.4f}'):
         x, y = x.to(runtime.device), y.to(runtime.device)
-        yield x, y, index, local_bound.bound_outputs(model, x, y, eps, store=store, index=index, **options)
+        with torch.no_grad():       # whoever consumes this: certification builds no autograd graph
+            out = local_bound.bound_outputs(model, x, y, eps, store=store, index=index, **options)
+        yield x, y, index, out
 
 
 @torch.no_grad()
