@@ -62,7 +62,7 @@ def main(argv=None, parse=parse_args):
         if args.audit:
             result['audit'] = run_convergence_audit(model, loader, args, runtime, logger, starts)
         if args.radius:
-            result['radius'] = run_radius(model, loader, args, runtime, logger)
+            result['radius'] = run_radius(model, loader, args, runtime, logger, starts)
         if args.empirical_lip:
             result['empirical_lip'] = run_empirical_lip(model, loader, args, runtime, logger)
     except trainer.USER_ERRORS as error:
@@ -90,7 +90,7 @@ def output_prefix(saved_model):
     return saved_model
 
 
-def run_radius(model, loader, args, runtime, logger):
+def run_radius(model, loader, args, runtime, logger, starts=None):
     """Certified radius of every test example (``radius.dataset_radii``) with the test-time settings;
     writes the CSV and prints certified accuracy at the paper's radii. Returns the summary."""
     if runtime.distributed:
@@ -100,7 +100,7 @@ def run_radius(model, loader, args, runtime, logger):
     rows, summary = radius.dataset_radii(
         model, loader, device=runtime.device, eps_max=eps_max, eval_eps=args.epsilon, anchors=thresholds,
         tol=args.radius_tol, sniter=args.test_sniter, opt_iter=args.test_opt_iter, bound=args.bound,
-        method=args.spectral, translation=args.translation, progress=runtime.is_main)
+        method=args.spectral, translation=args.translation, progress=runtime.is_main, store=starts)
     path = output_prefix(args.saved_model) + '_radius.csv'
     radius.write_radius_csv(path, rows)
     accuracy = radius.certified_accuracy_at([row['radius'] for row in rows], thresholds)

@@ -167,9 +167,10 @@ def test_only_rank_zero_writes_files(runs):
     assert (audit / 'writes_rank1.txt').read_text() == ''
     written = {Path(p).name for p in (audit / 'writes_rank0.txt').read_text().split()}
     assert {'run_relux_args.json', 'run_relux_train.log', 'run_relux_checkpoint.pth',
-            'run_relux_best.pth'} <= written
+            'run_relux_best.pth', 'run_relux_metrics.csv'} <= written
     assert sorted(p.name for p in (run / 'pretrained').iterdir()) == [
-        'run_relux_args.json', 'run_relux_best.pth', 'run_relux_checkpoint.pth', 'run_relux_train.log']
+        'run_relux_args.json', 'run_relux_best.pth', 'run_relux_checkpoint.pth', 'run_relux_metrics.csv',
+        'run_relux_train.log']
 
 
 def test_each_rank_prints_its_store_share(runs):
