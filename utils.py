@@ -287,7 +287,7 @@ def finish_args(parser, args, end_lr_default=None):
         parser.error(f"--model {args.model} does not exist for --data {args.data}; "
                      f"choose one of {', '.join(model_names(args.data))}")
     for name in ('epochs', 'batch_size', 'test_batch_size', 'sniter', 'opt_iter', 'test_sniter',
-                 'test_opt_iter', 'niter', 'restarts'):
+                 'test_opt_iter', 'niter', 'restarts', 'step_size'):
         if getattr(args, name) < 1:
             parser.error(f'--{name} must be at least 1')
     for name in ('limit_train', 'limit_test'):
@@ -354,9 +354,6 @@ def check_numbers(parser, args):
         below = high is None or (value <= high if high_in else value < high)
         if not (above and below):
             parser.error(f'--{name} must be {_range_text(low, high, low_in, high_in)}, not {value}')
-    for name in ('step_size',):
-        if getattr(args, name, 1) < 1:
-            parser.error(f'--{name} must be at least 1')
     if getattr(args, 'wd_list', None) and min(args.wd_list) < 0:
         parser.error('--wd_list milestones must be >= 0')
 
