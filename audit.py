@@ -26,7 +26,7 @@ import attacks
 import local_bound
 import trainer
 import utils
-from spectral import precise_masked_norms
+from spectral import precise_global_norm
 
 
 # ----------------------------------------------------------------------------- convergence
@@ -52,7 +52,7 @@ def global_underestimate(model, x, eps, options):
     state = local_bound.propagate(model, x[:1], eps, options)
     ratio = 1.0
     for rec in state.records:
-        precise = float(precise_masked_norms(rec.op, None, None, batch=1)[0])
+        precise = float(precise_global_norm(rec.op)[0])
         ratio *= precise / max(float(rec.global_sigma), 1e-30)
     return max(ratio - 1.0, 0.0)
 

@@ -13,8 +13,8 @@ import utils
 
 
 def extra_flags(parser):
-    """evaluate.py's flags; certificates default to the authors' evaluation recipe (power iteration,
-    2000 rounds at most, clip-and-rescale); ``--spectral lanczos --translation exact`` is faster."""
+    """evaluate.py's flags; certificates default to ``trainer.EVALUATION_DEFAULTS`` (Lanczos, 2000
+    steps at most, the exact last layer); ``--spectral power --translation iterative`` is the authors'."""
     parser.set_defaults(**trainer.EVALUATION_DEFAULTS)
     parser.add_argument('--no_pgd', action='store_true', help='skip the PGD attack')
     parser.add_argument('--audit', action='store_true',

@@ -19,7 +19,7 @@ from last_layer import (LAYOUTS, TRANSLATIONS, clip_and_rescale, exact_solver, l
                         label_translation, pairwise_translation, translate)
 from spectral import (EPS, GLOBAL_TOL, LOCAL_TOL, METHODS, POWER_GRADS, batch_norms,  # noqa: F401
                       global_spectral_norm, global_vectors_state, lanczos_masked_norm, load_global_vectors,
-                      masked_norm, masked_spectral_norm, precise_masked_norms)
+                      masked_norm, masked_spectral_norm, precise_global_norm, precise_masked_norms)
 from utils import ClampGroupSort, Flatten, ReLU_x, relu_x
 
 
@@ -790,7 +790,7 @@ def global_lipschitz(model, *, sniter=2000, input_shape=None, precise=False):
 
     ``precise=False``: ``sniter`` rounds of the warm-started global power iteration (the vectors
     training uses move on). ``precise=True``: float64 norms converged to 1e-6
-    (``spectral.precise_masked_norms`` without masks), leaving the training vectors untouched.
+    (``spectral.precise_global_norm``), leaving the training vectors untouched.
     """
     shape = tuple(input_shape) if input_shape is not None else infer_input_shape(model)
     x = _probe(model, shape)
@@ -798,7 +798,7 @@ def global_lipschitz(model, *, sniter=2000, input_shape=None, precise=False):
     for layer in list(model)[:-1]:
         if is_affine(layer):
             op = make_operator(layer, x.shape[1:])
-            norm = precise_masked_norms(op, None, None, batch=1)[0] if precise else global_spectral_norm(op, sniter)
+            norm = precise_global_norm(op)[0] if precise else global_spectral_norm(op, sniter)
             product *= float(norm)
         x = layer(x)
     return product

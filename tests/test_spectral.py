@@ -206,6 +206,23 @@ def test_precise_masked_norms_explicit_and_lanczos_agree():
     torch.testing.assert_close(unmasked, torch.linalg.svdvals(explicit(layer, shape).double())[0].expand(2))
 
 
+@torch.no_grad()
+def test_precise_global_norm_from_a_warm_vector_equals_svd():
+    """The converged global norm starts from the layer's warm power-iteration vector (input side for
+    a convolution, output side for a Linear layer) and still equals the SVD, its vector untouched."""
+    layer, shape, op, _, _ = conv_case(torch.float32, seed=6)
+    linear = near_degenerate_linear(1e-3).float()
+    for module, in_shape in ((layer, shape), (linear, (40,))):
+        op = lb.make_operator(module, in_shape)
+        spectral.global_spectral_norm(op, 5)
+        warm = spectral._global_vectors[module].clone()
+        want = torch.linalg.svdvals(explicit(module, in_shape).double())[0]
+        for limit in (0, 2**22):         # Lanczos from the warm vector, then the explicit matrix
+            torch.testing.assert_close(spectral.precise_global_norm(op, explicit_limit=limit)[0], want,
+                                       rtol=1e-6, atol=0)
+        assert torch.equal(spectral._global_vectors[module], warm)
+
+
 # ----------------------------------------------------------------------------- on real digits
 
 def small_mnist_model():
