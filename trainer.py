@@ -454,7 +454,7 @@ def certified_batches(model, loader, args, runtime, eps, store=None):
 def evaluate_certified(model, loader, args, runtime, eps, store=None):
     """Clean and certified error, robust loss, Lipschitz products and varying fractions at ``eps``."""
     wrong = uncertified = loss = total = 0
-    products, varying, global_product = [], {}, math.nan
+    products, varying, input_shape = [], {}, None
     for x, y, _, out in certified_batches(model, loader, args, runtime, eps, store):
         wrong += (~local_bound.correct_predictions(out.logits, y)).sum().item()
         uncertified += (~local_bound.certified_predictions(out, y)).sum().item()
@@ -464,13 +464,15 @@ def evaluate_certified(model, loader, args, runtime, eps, store=None):
         if args.bound == 'global':      # the metrics compare the local bound with the global one
             local = local_bound.local_lipschitz(model, x, eps, sniter=args.test_sniter)
         products.append(local.float().cpu())
-        if math.isnan(global_product):      # converged, so that local <= global holds in the log
-            global_product = local_bound.global_lipschitz(model, input_shape=x.shape[1:], precise=True)
+        input_shape = x.shape[1:]
         for layer, fraction in getattr(out, 'varying', {}).items():
             varying[layer] = varying.get(layer, 0.0) + float(fraction.sum())
     layers = sorted(varying)
-    wrong, uncertified, loss, total, *sums = runtime.sum([wrong, uncertified, loss, total]
-                                                         + [varying[k] for k in layers])
+    # converged, so that local <= global holds in the log; computed once, on the main process
+    global_product = (local_bound.global_lipschitz(model, input_shape=input_shape, precise=True)
+                      if runtime.is_main else 0.0)
+    wrong, uncertified, loss, total, global_product, *sums = runtime.sum(
+        [wrong, uncertified, loss, total, global_product] + [varying[k] for k in layers])
     count = max(total, 1)
     return TestStats(wrong / count, uncertified / count, loss / count, int(total),
                      runtime.gather(torch.cat(products) if products else torch.zeros(0)),
