@@ -232,11 +232,11 @@ class _StopRule:
         self.iters, self.tol, self.confirm, self.krylov_dim, self.full = iters, tol, confirm, krylov_dim, full
 
     def converged(self, step, residual, sigma, first):
-        """Which samples stop at (1-based, over restarts) ``step``; updates ``first`` [a] (the first
-        step with a small residual, 0 before) in place."""
+        """(which samples stop at the 1-based ``step``, counted over restarts; ``first`` [a] updated:
+        the first step with a small residual, 0 before)."""
         small = residual <= self.tol
-        first.copy_(torch.where((first == 0) & small, step, first))
-        return (small & (step >= self.confirm * first)) | (sigma == 0)
+        first = torch.where((first == 0) & small, step, first)
+        return (small & (step >= self.confirm * first)) | (sigma == 0), first
 
 
 def _chunked_lanczos(op, u, in_mask, out_mask, rule, memory):
@@ -306,7 +306,7 @@ class _LanczosCycle:
     def __init__(self, masked, p, rows, steps, rule, offset, first):
         b, n_in = p.shape
         self.masked, self.rows, self.steps, self.rule, self.offset = masked, rows, steps, rule, offset
-        self.full, self.first = rule.full, first.clone()
+        self.full, self.first = rule.full, first      # first: this cycle's own copy (gathered rows)
         self.P = p.new_empty(b, steps + 1, n_in)     # column j + 1 is written at step j, before any read
         self.P[:, 0] = p
         n_out = math.prod(masked.out_shape)
@@ -327,9 +327,8 @@ class _LanczosCycle:
             theta, y = self._ritz(j, rows)
             sigma = theta.clamp(min=0).sqrt()
             residual = self.beta[rows, j] * y[:, -1].abs() / sigma.clamp(min=torch.finfo(sigma.dtype).tiny)
-            first = self.first[rows]
-            converged = self.rule.converged(self.offset + j + 1, residual, sigma, first)
-            self.first[rows] = first
+            converged, self.first[rows] = self.rule.converged(self.offset + j + 1, residual, sigma,
+                                                              self.first[rows])
             stop = converged | (j + 1 == self.steps)
             if stop.any():
                 ids = torch.arange(count, device=stop.device) if active is None else active

@@ -473,6 +473,8 @@ def evaluate_certified(model, loader, args, runtime, eps, store=None):
                       if runtime.is_main else 0.0)
     wrong, uncertified, loss, total, global_product, *sums = runtime.sum(
         [wrong, uncertified, loss, total, global_product] + [varying[k] for k in layers])
+    if not total:
+        global_product = math.nan
     count = max(total, 1)
     return TestStats(wrong / count, uncertified / count, loss / count, int(total),
                      runtime.gather(torch.cat(products) if products else torch.zeros(0)),

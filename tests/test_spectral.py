@@ -88,16 +88,21 @@ def test_lanczos_float32_default_and_float64_option():
     torch.testing.assert_close(sigma64.double(), want, rtol=1e-6, atol=1e-9)
 
 
-def near_degenerate_linear(gap, seed=2):
-    """A 30x40 Linear layer with singular values 1, 1 - gap, then at most 0.9."""
-    gen = torch.Generator().manual_seed(seed)
-    left, _ = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=DT))
-    right, _ = torch.linalg.qr(torch.randn(40, 30, generator=gen, dtype=DT))
-    values = torch.cat([torch.tensor([1.0, 1.0 - gap], dtype=DT), torch.linspace(0.9, 0.1, 28, dtype=DT)])
-    layer = nn.Linear(40, 30).to(DT)
+def linear_with_top_pair(gap, n_out, n_in, gen):
+    """An n_out x n_in Linear layer (n_out <= n_in) with singular values 1, 1 - gap, then from 0.9
+    down to 0.1; returns (layer, its right singular vectors as columns)."""
+    left, _ = torch.linalg.qr(torch.randn(n_out, n_out, generator=gen, dtype=DT))
+    right, _ = torch.linalg.qr(torch.randn(n_in, n_out, generator=gen, dtype=DT))
+    values = torch.cat([torch.tensor([1.0, 1.0 - gap], dtype=DT), torch.linspace(0.9, 0.1, n_out - 2, dtype=DT)])
+    layer = nn.Linear(n_in, n_out).to(DT)
     with torch.no_grad():
         layer.weight.copy_(left @ torch.diag(values) @ right.t())
-    return layer
+    return layer, right
+
+
+def near_degenerate_linear(gap, seed=2):
+    """A 30x40 Linear layer with singular values 1, 1 - gap, then at most 0.9."""
+    return linear_with_top_pair(gap, 30, 40, torch.Generator().manual_seed(seed))[0]
 
 
 def test_lanczos_near_degenerate_top_pair():
@@ -121,12 +126,7 @@ def hidden_top_case(component, gap=0.02, seed=5):
     """A 60x80 Linear layer with singular values 1, 1 - gap, then at most 0.9, and a start vector
     on the second right singular vector plus other directions, with only ``component`` on the first."""
     gen = torch.Generator().manual_seed(seed)
-    left, _ = torch.linalg.qr(torch.randn(60, 60, generator=gen, dtype=DT))
-    right, _ = torch.linalg.qr(torch.randn(80, 60, generator=gen, dtype=DT))
-    values = torch.cat([torch.tensor([1.0, 1.0 - gap], dtype=DT), torch.linspace(0.9, 0.1, 58, dtype=DT)])
-    layer = nn.Linear(80, 60).to(DT)
-    with torch.no_grad():
-        layer.weight.copy_(left @ torch.diag(values) @ right.t())
+    layer, right = linear_with_top_pair(gap, 60, 80, gen)
     rest = torch.randn(80, generator=gen, dtype=DT)
     rest -= right[:, :2] @ (right[:, :2].t() @ rest)
     u = right[:, 1] + 0.3 * rest / rest.norm() + component * right[:, 0]
