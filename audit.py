@@ -8,12 +8,12 @@ evaluate.py) is attacked at the same eps by L2 PGD with restarts, a targeted PGD
 other class and random points of the ball. A certified example whose label is not strictly first
 at some attack point is broken: that is a bug of the method's implementation. Exit status 1 then.
 
-Convergence audit (``evaluate.py --audit``, ``convergence_audit`` here): power iteration approaches
-every norm from below, so an unconverged one over-certifies. The certified examples are re-certified
-with float64 norms converged to 1e-6 (explicit SVD of small layers, Lanczos with full
-re-orthogonalisation otherwise) and the exact last-layer solver; the global norms that size the
-ball's box are also re-computed and eps is enlarged by their under-estimate, so the re-check can
-only be more pessimistic than the truth.
+Convergence audit (``evaluate.py --audit``, ``convergence_audit`` here): the certificates the
+evaluation reported (the same examples, whatever happened to the model's warm vectors since) are
+re-checked with float64 norms converged to 1e-6 (explicit SVD of small layers, Lanczos with full
+re-orthogonalisation otherwise) and the exact last-layer solver; the masks are re-derived from
+converged global norms and eps is enlarged by the amount the pass's global norms fell short of
+them, so the re-check is never more lenient than the reported pass.
 """
 import argparse
 import math
@@ -33,54 +33,76 @@ from spectral import precise_global_norm
 
 @dataclass
 class ConvergenceReport:
-    certified: int = 0                 # M: examples the evaluation certified
+    certified: int = 0                 # M: certificates the evaluation reported (all re-checked)
     flipped: int = 0                   # K: of those, not certified with converged norms
-    underestimates: list = field(default_factory=list)   # per certified example, relative
-    global_underestimate: float = 0.0  # relative under-estimate of the product of global norms
+    checked: list = field(default_factory=list)     # their dataset indices
+    products: list = field(default_factory=list)    # converged local Lipschitz products
+    global_underestimate: float = 0.0  # relative under-estimate of the pass's global norms
 
     def lines(self):
-        under = torch.tensor(self.underestimates or [0.0])
-        return [f'audit: relative under-estimate of the local Lipschitz product over {self.certified} '
-                f'certified examples: largest {float(under.max()):.3e}, median {float(under.median()):.3e}; '
-                f'global norms: {self.global_underestimate:.3e}',
+        return [f'audit: {self.certified} reported certificates re-checked with converged float64 norms; '
+                f'global norms of the pass {self.global_underestimate:.3e} below converged ones',
                 f'audit: {self.flipped} of {self.certified} certificates do not hold with converged norms']
 
 
-def global_underestimate(model, x, eps, options):
-    """Relative amount by which the pass's global norms (which size the ball's box) fall short of
-    converged ones: ``prod(precise) / prod(pass) - 1``, at least 0."""
-    state = local_bound.propagate(model, x[:1], eps, options)
+def converged_global_norms(model, input_shape):
+    """{affine layer index: float64 norm converged to 1e-6} (``spectral.precise_global_norm``)."""
+    shapes = local_bound.affine_input_shapes(model, input_shape)
+    layers = list(model)
+    return {i: float(precise_global_norm(local_bound.make_operator(layers[i], shape))[0])
+            for i, shape in shapes.items()}
+
+
+def global_underestimate(pass_norms, converged):
+    """Relative amount by which the global norms the reported pass used (which size the ball's box;
+    the smallest of its batches, ``TestStats.global_norms``) fall short of converged ones:
+    ``prod(converged) / prod(pass) - 1``, at least 0."""
     ratio = 1.0
-    for rec in state.records:
-        precise = float(precise_global_norm(rec.op)[0])
-        ratio *= precise / max(float(rec.global_sigma), 1e-30)
+    for index, norm in converged.items():
+        ratio *= norm / max(pass_norms.get(index, norm), 1e-30)
     return max(ratio - 1.0, 0.0)
 
 
 @torch.no_grad()
-def convergence_audit(model, loader, args, runtime, eps, starts=None, rtol=1e-6):
-    """Re-certify every certified example with converged norms; returns a ConvergenceReport."""
+def convergence_audit(model, loader, args, runtime, eps, reported, rtol=1e-6):
+    """Re-check exactly the certificates a reported pass produced (``reported``: its
+    ``trainer.TestStats``, whose ``certified_index`` holds the dataset indices it certified) with
+    converged float64 norms; returns a ConvergenceReport.
+
+    The masks are re-derived from converged float64 global norms, at eps widened by the amount the
+    reported pass's global norms fell short of them (so the re-check is never more lenient); the
+    per-sample norms are converged float64 ones and the last layer is solved exactly. Nothing here
+    reads or moves the model's warm vectors."""
     report = ConvergenceReport()
-    options = trainer.bound_options(args, training=False)
-    options['sp_thres'] = None
-    widened = None
-    for x, y, index, out in trainer.certified_batches(model, loader, args, runtime, eps, starts):
-        certified = local_bound.certified_predictions(out, y)
-        if not certified.any():
+    wanted = set(torch.as_tensor(reported.certified_index).tolist())
+    if not wanted:
+        return report
+    settings = trainer.bound_settings(args, training=False)
+    converged, widened = None, None
+    for x, y, index in loader:
+        keep = torch.tensor([int(i) in wanted for i in torch.as_tensor(index)], dtype=torch.bool)
+        if not keep.any():
             continue
-        if widened is None:
-            pass_options = local_bound.PassOptions(sniter=options['sniter'])
-            report.global_underestimate = global_underestimate(model, x, eps, pass_options)
+        xs, ys = x[keep].to(runtime.device), y[keep].to(runtime.device)
+        if converged is None:
+            converged = converged_global_norms(model, xs.shape[1:])
+            report.global_underestimate = global_underestimate(reported.global_norms, converged)
             widened = eps * (1.0 + report.global_underestimate)
-        xs, ys = x[certified], y[certified]
-        precise = local_bound.bound_outputs(
-            model, xs, ys, widened, sniter=options['sniter'], opt_iter=1, gloro=options['gloro'],
-            bound=options['bound'], method='precise', translation='exact', tol=rtol)
-        holds = local_bound.certified_predictions(precise, ys)
+        precise_settings = settings.replace(method='precise', translation='exact', tol=rtol, gloro=False)
+        state = local_bound.propagate(model, xs, widened, precise_settings, converged)
+        product, _, _ = local_bound.lipschitz_product(state, precise_settings)
+        last = list(model)[-1]
+        logits = last(state.centre)
+        column = local_bound._column(last, ys, state, local_bound.per_sample_eps(widened, xs) * product,
+                                     precise_settings)
+        holds = local_bound._decides(logits, ys, column)
         report.certified += len(ys)
         report.flipped += int((~holds).sum())
-        ratio = precise.lipschitz.double() / out.lipschitz[certified].double() - 1.0
-        report.underestimates += ratio.clamp(min=0).tolist()
+        report.checked += [int(i) for i in torch.as_tensor(index)[keep]]
+        report.products += product.double().cpu().tolist()
+    if report.certified != len(wanted):
+        raise RuntimeError(f'convergence audit: found {report.certified} of the {len(wanted)} reported '
+                           'certificates in the data (the loader changed between the passes)')
     return report
 
 

@@ -29,6 +29,7 @@ import trainer
 import utils
 from lolip.archs import build_model
 from lolip.grammar import GrammarError, parse_model
+from settings import CERTIFIED, BoundSettings
 
 NO_CERTIFICATE = {
     'CNN': 'no certificate: max-pooling and dropout are outside the bound pass',
@@ -75,6 +76,14 @@ def test_batches(data, data_dir, limit, batch_size):
     return list(torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False))
 
 
+def certification_settings(args):
+    """The certificates' settings: guaranteed norms unless ``--spectral`` asks for an estimate."""
+    if args.spectral == 'guaranteed':
+        return CERTIFIED.replace(sniter=args.sniter, failure_prob=args.failure_prob, seed=args.seed)
+    return BoundSettings(method=args.spectral, sniter=args.sniter, opt_iter=args.opt_iter,
+                         translation='exact' if args.spectral == 'lanczos' else 'iterative')
+
+
 def evaluate(model, batches, eps, args, certifiable):
     """The row's numbers for one model (sums over batches, then means)."""
     sums = dict(clean=0, pgd=0, certified=0, lip_max=0.0, lip_as_published=0.0, local_bound=0.0,
@@ -86,19 +95,17 @@ def evaluate(model, batches, eps, args, certifiable):
         adv = attacks.pgd(model, x, y, eps, norm=2, steps=args.pgd_steps, step_size=eps / 4,
                           random_start='image', order='clip_project')
         with torch.no_grad():
-            sums['clean'] += int((model(x).argmax(1) == y).sum())
-            sums['pgd'] += int((model(adv).argmax(1) == y).sum())
+            sums['clean'] += int(local_bound.correct_predictions(model(x), y).sum())
+            sums['pgd'] += int(local_bound.correct_predictions(model(adv), y).sum())
         for published in (False, True):
             key = 'lip_as_published' if published else 'lip_max'
             sums[key] += float(empirical.local_lipschitzness(model, x, box, norm=2,
                                                              as_published=published).sum())
         if certifiable:
-            sums['certified'] += int(local_bound.certify(model, x, y, eps, sniter=args.sniter,
-                                                         opt_iter=args.opt_iter).sum())
-            sums['local_bound'] += float(local_bound.local_lipschitz(model, x, eps,
-                                                                     sniter=args.sniter).sum())
-            sums['ratio_bound'] += float(empirical.certified_ratio_bound(
-                model, x, box, norm=2, sniter=args.sniter).sum())
+            settings = certification_settings(args)
+            sums['certified'] += int(local_bound.certify(model, x, y, eps, settings).sum())
+            sums['local_bound'] += float(local_bound.local_lipschitz(model, x, eps, settings).sum())
+            sums['ratio_bound'] += float(empirical.certified_ratio_bound(model, x, box, settings, norm=2).sum())
         sums['count'] += len(y)
     n = max(sums.pop('count'), 1)
     row = {key: value / n for key, value in sums.items()}
@@ -147,8 +154,12 @@ def parser():
     p.add_argument('--limit_test', type=int, help='the first N test images')
     p.add_argument('--batch_size', type=int, default=100)
     p.add_argument('--pgd_steps', type=int, default=100)
-    p.add_argument('--sniter', type=int, default=2000, help='power iterations of the bound')
-    p.add_argument('--opt_iter', type=int, default=1000, help='iterations of the last-layer step')
+    p.add_argument('--spectral', choices=('guaranteed', 'lanczos', 'power'), default='guaranteed',
+                   help='norms of the certificates: guaranteed upper bounds (default) or an estimate '
+                        '(lanczos; power = the authors\' procedure)')
+    p.add_argument('--failure_prob', type=float, default=1e-9, help='guaranteed: failure probability per certificate')
+    p.add_argument('--sniter', type=int, default=2000, help='most iterations per norm of the bound')
+    p.add_argument('--opt_iter', type=int, default=1000, help='iterations of the last-layer step (power)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default=utils.default_device())
     p.add_argument('--out', default='compare', help='writes OUT.md and OUT.csv')
@@ -162,6 +173,8 @@ def main(argv=None):
         p.error('give at least one --locallip NAME:PATH or --lolip PATH')
     if not args.eps > 0:
         p.error('--eps must be positive')
+    if not 0 < args.failure_prob < 1:
+        p.error('--failure_prob must lie in (0, 1)')
     try:
         batches = test_batches(args.data, args.data_dir, args.limit_test, args.batch_size)
         rows = []

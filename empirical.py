@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 import local_bound
+from settings import CERTIFIED
 
 START_NOISE = 0.001
 DENOMINATOR_SHIFT = 1e-6
@@ -93,17 +94,16 @@ def local_lipschitzness(model, x, eps, *, norm='inf', steps=10, step=0.003, as_p
 
 
 def dataset_lipschitzness(model, loader, eps, *, norm='inf', device='cpu', steps=10, step=0.003,
-                          certified_sniter=None, progress=True):
+                          certified=None, progress=True):
     """Both directions over a loader of ``(x, y, index)`` (or ``(x, y)``) batches.
 
     Returns ``{'lip_max': mean of the maximisation, 'lip_as_published': mean of the published
     descent, 'examples': count, 'eps', 'norm'}`` and, per example on the CPU in loader order,
-    ``'index'``, ``'per_example_max'``, ``'per_example_as_published'``; with
-    ``certified_sniter``, also ``'per_example_certified'`` (``certified_ratio_bound`` with that
-    many power iterations).
+    ``'index'``, ``'per_example_max'``, ``'per_example_as_published'``; with ``certified`` (a
+    ``settings.BoundSettings``), also ``'per_example_certified'`` (``certified_ratio_bound``).
     """
     found = {'index': [], 'per_example_max': [], 'per_example_as_published': []}
-    if certified_sniter is not None:
+    if certified is not None:
         found['per_example_certified'] = []
     seen = 0
     for batch in tqdm(loader, desc=f'local Lipschitzness eps={eps:g}', disable=not progress,
@@ -114,9 +114,9 @@ def dataset_lipschitzness(model, loader, eps, *, norm='inf', device='cpu', steps
         for key, published in (('per_example_max', False), ('per_example_as_published', True)):
             found[key].append(local_lipschitzness(model, x, eps, norm=norm, steps=steps, step=step,
                                                   as_published=published).cpu())
-        if certified_sniter is not None:
+        if certified is not None:
             found['per_example_certified'].append(
-                certified_ratio_bound(model, x, eps, norm=norm, sniter=certified_sniter).cpu())
+                certified_ratio_bound(model, x, eps, certified, norm=norm, index=found['index'][-1]).cpu())
     result = {key: torch.cat(parts) for key, parts in found.items()}
     result.update(lip_max=float(result['per_example_max'].mean()),
                   lip_as_published=float(result['per_example_as_published'].mean()),
@@ -150,13 +150,13 @@ def two_to_one_norm(weight):
     if classes <= MAX_ENUMERATED_CLASSES:
         signs = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=classes)),
                              dtype=weight.dtype, device=weight.device)
-        return float((signs @ weight).norm(dim=1).max())
+        return float((signs.double() @ weight.double()).norm(dim=1).max()) * (1 + 1e-9)
     spectral = float(torch.linalg.matrix_norm(weight, ord=2))
     return min(math.sqrt(classes) * spectral, float(weight.norm(dim=1).sum()))
 
 
 @torch.no_grad()
-def certified_ratio_bound(model, x, eps, *, norm='inf', sniter=2000):
+def certified_ratio_bound(model, x, eps, settings=CERTIFIED, *, norm='inf', index=None):
     """Per example, a certified upper bound on the empirical ratio over the L-infinity eps-box: [B].
 
     The box lies in the L2 ball of radius ``eps * sqrt(d)``, where the penultimate map h moves by at
@@ -165,11 +165,12 @@ def certified_ratio_bound(model, x, eps, *, norm='inf', sniter=2000):
     ||W_last||_{2->1} L_local ||x - x'||_2`` and ``||x - x'||_2 <= c_p ||x - x'||_p`` with
     ``c_inf = sqrt(d)``, ``c_2 = c_1 = 1``. The bound is ``||W_last||_{2->1} * L_local * c_p``
     (``two_to_one_norm``). It ignores the 1e-6 shift of the empirical denominator (a relative
-    change of order 1e-6 / |x - x'|) and trusts the power iteration to have converged.
+    change of order 1e-6 / |x - x'|). With guaranteed ``settings`` (the default) ``L_local`` is an
+    upper bound; with an estimate preset it is trusted to have converged.
     """
     p = norm_order(norm)
     dims = x[0].numel()
-    local = local_bound.local_lipschitz(model, x, eps * math.sqrt(dims), sniter=sniter)
+    local = local_bound.local_lipschitz(model, x, eps * math.sqrt(dims), settings, index=index)
     scale = math.sqrt(dims) if math.isinf(p) else 1.0
     return two_to_one_norm(list(model)[-1].weight) * local * scale
 

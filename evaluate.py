@@ -13,8 +13,9 @@ import utils
 
 
 def extra_flags(parser):
-    """evaluate.py's flags; certificates default to ``trainer.EVALUATION_DEFAULTS`` (Lanczos, 2000
-    steps at most, the exact last layer); ``--spectral power --translation iterative`` is the authors'."""
+    """evaluate.py's flags; certificates default to ``trainer.EVALUATION_DEFAULTS`` (guaranteed
+    norms, 2000 steps at most, the exact last layer); ``--spectral power --translation iterative``
+    is the authors' procedure, ``--spectral lanczos`` a fast estimate."""
     parser.set_defaults(**trainer.EVALUATION_DEFAULTS)
     parser.add_argument('--no_pgd', action='store_true', help='skip the PGD attack')
     parser.add_argument('--audit', action='store_true',
@@ -55,12 +56,13 @@ def main(argv=None, parse=parse_args):
             logger.info(f'{stats.examples} test examples at eps {args.epsilon:.4f}: clean error '
                         f'{stats.clean_err:.4f} | certified error {stats.certified_err:.4f} '
                         f'(acc {1 - stats.certified_err:.4f})')
+            logger.info('certificates: ' + trainer.bound_settings(args, training=False).describe())
             result = {'clean_err': stats.clean_err, 'certified_err': stats.certified_err,
-                      'examples': stats.examples}
+                      'examples': stats.examples, 'stats': stats}
         else:
             result = trainer.evaluate_all(model, loader, args, runtime, logger, store=starts)
         if args.audit:
-            result['audit'] = run_convergence_audit(model, loader, args, runtime, logger, starts)
+            result['audit'] = run_convergence_audit(model, loader, args, runtime, logger, result['stats'])
         if args.radius:
             result['radius'] = run_radius(model, loader, args, runtime, logger, starts)
         if args.empirical_lip:
@@ -74,9 +76,12 @@ def main(argv=None, parse=parse_args):
     return result
 
 
-def run_convergence_audit(model, loader, args, runtime, logger, starts):
-    """``audit.convergence_audit`` at ``--epsilon``, printed; returns its report."""
-    report = audit.convergence_audit(model, loader, args, runtime, args.epsilon, starts)
+def run_convergence_audit(model, loader, args, runtime, logger, stats):
+    """``audit.convergence_audit`` of the certificates the evaluation reported (``stats``) at
+    ``--epsilon``, printed; returns its report."""
+    if runtime.distributed:
+        raise trainer.UsageError('--audit runs in one process (drop torchrun)')
+    report = audit.convergence_audit(model, loader, args, runtime, args.epsilon, stats)
     for line in report.lines():
         logger.info(line)
     return report
@@ -99,8 +104,8 @@ def run_radius(model, loader, args, runtime, logger, starts=None):
     thresholds = radius.PAPER_RADII[args.data]
     rows, summary = radius.dataset_radii(
         model, loader, device=runtime.device, eps_max=eps_max, eval_eps=args.epsilon, anchors=thresholds,
-        tol=args.radius_tol, sniter=args.test_sniter, opt_iter=args.test_opt_iter, bound=args.bound,
-        method=args.spectral, translation=args.translation, progress=runtime.is_main, store=starts)
+        tol=args.radius_tol, settings=trainer.bound_settings(args, training=False), progress=runtime.is_main,
+        store=starts)
     path = output_prefix(args.saved_model) + '_radius.csv'
     radius.write_radius_csv(path, rows)
     accuracy = radius.certified_accuracy_at([row['radius'] for row in rows], thresholds)
@@ -119,7 +124,8 @@ def run_empirical_lip(model, loader, args, runtime, logger):
     eps = args.lip_eps if args.lip_eps is not None else LIP_EPS[args.data]
     norm = args.lip_norm if args.lip_norm == 'inf' else int(args.lip_norm)
     result = empirical.dataset_lipschitzness(model, loader, eps, norm=norm, device=runtime.device,
-                                             certified_sniter=args.test_sniter, progress=runtime.is_main)
+                                             certified=trainer.bound_settings(args, training=False),
+                                             progress=runtime.is_main)
     path = output_prefix(args.saved_model) + '_lipschitz.csv'
     empirical.write_lipschitzness_csv(path, result)
     logger.info(f"empirical local Lipschitzness (L-inf box {eps:g}, norm {args.lip_norm}) over "

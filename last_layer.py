@@ -81,14 +81,13 @@ def exact_solver(directions, lower, upper, radius):
 
 def solve(directions, lower, upper, radius, active, opt_iter, translation='iterative'):
     """The translation problems [B, K] by ``translation`` ('iterative': ``opt_iter`` rounds of
-    clip-and-rescale; 'exact': ``exact_solver``), NaN entries set to 0 (as the authors)."""
+    clip-and-rescale; 'exact': ``exact_solver``). NaN entries are kept: the caller decides (the
+    bound pass records them as not finite, then sets them to 0 for the training loss as the authors)."""
     if translation == 'iterative':
-        t = clip_and_rescale(directions, lower, upper, radius, active, opt_iter)
-    elif translation == 'exact':
-        t = exact_solver(directions, lower, upper, radius) * active.squeeze(-1)
-    else:
-        raise ValueError(f'translation must be one of {TRANSLATIONS}, not {translation!r}')
-    return torch.where(torch.isnan(t), torch.zeros_like(t), t)
+        return clip_and_rescale(directions, lower, upper, radius, active, opt_iter)
+    if translation == 'exact':
+        return exact_solver(directions, lower, upper, radius) * active.squeeze(-1)
+    raise ValueError(f'translation must be one of {TRANSLATIONS}, not {translation!r}')
 
 
 def relative_box(state):

@@ -15,12 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from last_layer import (LAYOUTS, TRANSLATIONS, clip_and_rescale, exact_solver, label_column,  # noqa: F401
-                        label_translation, pairwise_translation, translate)
-from spectral import (EPS, GLOBAL_TOL, LOCAL_TOL, METHODS, POWER_GRADS, batch_norms,  # noqa: F401
-                      global_spectral_norm, global_vectors_state, lanczos_masked_norm, load_global_vectors,
-                      masked_norm, masked_spectral_norm, precise_global_norm, precise_masked_norms)
+import guaranteed
+from last_layer import label_column, translate
+from settings import CERTIFIED, BoundSettings
+from spectral import global_spectral_norm, masked_norm, precise_global_norm, precise_masked_norms
 from utils import ClampGroupSort, Flatten, ReLU_x, relu_x
+
+
+class BoundError(ValueError):
+    """A model or input the bound pass cannot handle (one-line message)."""
 
 
 # ----------------------------------------------------------------------------- affine operators
@@ -133,11 +136,10 @@ class BoundState:
 
 @dataclass
 class PassOptions:
-    sniter: int
-    sp_thres: Optional[float] = None   # sparsity term wanted (TinyImageNet); None = skip
-    power_grad: str = 'unrolled'       # see masked_spectral_norm
-    method: str = 'power'              # per-sample norms: 'power' or 'lanczos' (spectral.masked_norm)
-    tol: Optional[float] = None        # their per-sample stopping tolerance (None: the method's default)
+    """What the layer rules read: the settings, and the guaranteed global norms when the settings
+    ask for them ({affine layer index: upper bound of its plain norm}; None: power iteration)."""
+    settings: BoundSettings
+    global_norms: Optional[dict] = None
 
 
 # ----------------------------------------------------------------------------- fused interval steps
@@ -345,7 +347,10 @@ def affine_rule(layer, index, state, options):
     centre = op.affine(state.centre)
     ball_rad = state.radius.view(-1, *([1] * (centre.dim() - 1))) * op.row_norms()
     lower, upper = _BallBoxIntersection.apply(box_mid, box_rad, centre, ball_rad)
-    sigma = global_spectral_norm(op, options.sniter, grad=options.power_grad)
+    if options.global_norms is not None:
+        sigma = centre.new_tensor(options.global_norms[index])
+    else:
+        sigma = global_spectral_norm(op, options.settings.sniter, grad=options.settings.power_grad)
     state.records.append(AffineRecord(index, op, sigma, in_mask=state.mask))
     return replace(state, centre=centre, radius=state.radius * sigma, lower=lower, upper=upper, mask=None)
 
@@ -369,8 +374,9 @@ def _activation_step(index, state, act, mask, out_mask, sparsity, elementwise=Tr
         lower = torch.maximum(act(state.lower), act(state.centre - r))
         upper = torch.minimum(act(state.upper), act(state.centre + r))
         centre = act(state.centre)
-    if out_mask:
-        state.records[-1].out_mask = mask
+    if out_mask and state.records:
+        record = state.records[-1]
+        record.out_mask = mask.reshape(mask.size(0), *record.op.out_shape)
     _count_varying(state, index, mask)
     return replace(state, centre=centre, lower=lower, upper=upper, mask=mask, sparsity=state.sparsity + sparsity)
 
@@ -382,16 +388,18 @@ def _count_varying(state, index, mask):
 
 def relux_rule(layer, index, state, options):
     theta = layer.threshold
-    mask = ((state.lower <= theta) & (state.upper > 0)).to(state.centre.dtype)
+    fixed = (state.lower > theta) | (state.upper <= 0)          # a NaN bound is never fixed
+    mask = (~fixed).to(state.centre.dtype)
     sparsity = 0.0
-    if options.sp_thres is not None:
-        sparsity = F.relu(state.upper).mean() + options.sp_thres * F.relu(theta - state.lower).mean()
+    sp_thres = options.settings.sp_thres
+    if sp_thres is not None:
+        sparsity = F.relu(state.upper).mean() + sp_thres * F.relu(theta - state.lower).mean()
     return _activation_step(index, state, lambda t: relu_x(t, theta), mask, True, sparsity, theta=theta)
 
 
 def relu_rule(layer, index, state, options):
-    mask = (state.upper > 0).to(state.centre.dtype)
-    sparsity = F.relu(state.upper).mean() if options.sp_thres is not None else 0.0
+    mask = (~(state.upper <= 0)).to(state.centre.dtype)      # a NaN bound is never fixed
+    sparsity = F.relu(state.upper).mean() if options.settings.sp_thres is not None else 0.0
     return _activation_step(index, state, F.relu, mask, True, sparsity, theta=None)
 
 
@@ -422,7 +430,7 @@ def maxmin_rule(layer, index, state, options):
     fixed = torch.cat([high_lower >= layer.max, low_upper <= layer.min], dim=1)
     new.mask = (~fixed).to(state.centre.dtype)
     _count_varying(new, index, new.mask)
-    if options.sp_thres is not None:
+    if options.settings.sp_thres is not None:
         new.sparsity = new.sparsity + F.relu(layer.max - high_lower).mean() + F.relu(low_upper - layer.min).mean()
     return new
 
@@ -444,16 +452,42 @@ RULES = {
 }
 
 
-def rule_for(layer):
-    for cls in type(layer).__mro__:
-        if cls in RULES:
-            return RULES[cls]
-    raise TypeError(f'no bound rule for layer type {type(layer).__name__}; add one to local_bound.RULES')
+def rule_for(layer, index=None):
+    """The rule of ``layer``'s exact type (a subclass may compute something else: refused), after
+    checking that the layer is one the rule models; BoundError naming the layer otherwise."""
+    rule = RULES.get(type(layer))
+    where = f'layer {index} ({type(layer).__name__})' if index is not None else type(layer).__name__
+    if rule is None:
+        raise BoundError(f'{where}: no bound rule for this layer type (the pass models '
+                         f'{", ".join(sorted(cls.__name__ for cls in RULES))}; see local_bound.RULES)')
+    problem = unmodelled_variant(layer)
+    if problem:
+        raise BoundError(f'{where}: {problem}, which the bound pass does not model')
+    return rule
+
+
+def unmodelled_variant(layer):
+    """Why the rule of ``layer``'s type would not describe this instance ('' when it does)."""
+    if isinstance(layer, nn.Conv2d):
+        if layer.padding_mode != 'zeros':
+            return f"padding_mode '{layer.padding_mode}' (only zero padding is)"
+        if isinstance(layer.padding, str):
+            return f"padding '{layer.padding}' (give the padding as numbers)"
+        if tuple(layer.dilation) != (1, 1):
+            return f'dilation {tuple(layer.dilation)}'
+    if isinstance(layer, nn.Flatten) and (layer.start_dim != 1 or layer.end_dim != -1):
+        return f'Flatten(start_dim={layer.start_dim}, end_dim={layer.end_dim}) (only start_dim=1, end_dim=-1 is)'
+    return ''
+
+
+# Largest eps the pass accepts: inputs live in [0, 1] (a few times that when normalised), and larger
+# radii would overflow the float32 bound arithmetic (squares of radii past 1.8e19 are inf).
+MAX_EPS = 1e4
 
 
 def per_sample_eps(eps, x):
     """``eps`` (a number, or one per sample) as a tensor [B] on x's device; BoundError unless every
-    value is finite and >= 0."""
+    value is finite, >= 0 and at most ``MAX_EPS``."""
     values = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
     if values.dim() == 0:
         values = values.expand(x.size(0))
@@ -463,20 +497,31 @@ def per_sample_eps(eps, x):
     if not (torch.isfinite(values).all() and (values >= 0).all()):
         bad = values[~(torch.isfinite(values) & (values >= 0))][0]
         raise BoundError(f'eps must be a finite number >= 0, not {float(bad)}')
+    if (values > MAX_EPS).any():
+        raise BoundError(f'eps must be at most {MAX_EPS:g} (an L2 radius on inputs in [0, 1]), not '
+                         f'{float(values.max()):g}')
     return values
 
 
-def propagate(model, x, eps, options):
+def propagate(model, x, eps, settings=CERTIFIED, global_norms=None):
     """Carry ball and box from the input to the penultimate layer. Returns the final BoundState.
 
-    ``eps``: one L2 radius for the batch, or a tensor [B] with one per sample."""
+    ``eps``: one L2 radius for the batch, or a tensor [B] with one per sample. ``global_norms``
+    ({affine layer index: norm}) replaces the warm power iteration that sizes the ball's box."""
     check_boundable(model)
+    options = PassOptions(_checked(settings), global_norms)
     radius = per_sample_eps(eps, x).clone()
     shaped = radius.view(-1, *([1] * (x.dim() - 1)))
     state = BoundState(x, radius, x - shaped, x + shaped)
     for index, layer in enumerate(list(model)[:-1]):
-        state = rule_for(layer)(layer, index, state, options)
+        state = rule_for(layer, index)(layer, index, state, options)
     return state
+
+
+def _checked(settings):
+    if not isinstance(settings, BoundSettings):
+        raise TypeError(f'expected a settings.BoundSettings, not {type(settings).__name__}')
+    return settings
 
 
 # ----------------------------------------------------------------------------- per-example store
@@ -553,10 +598,11 @@ class SingularVectorStore:
         return {i: v[rows].to(device=device, dtype=dtype, non_blocking=True) for i, v in self.vectors.items()}
 
     def scatter(self, index, vectors):
-        """Write back (detached) the final vectors of examples ``index``."""
+        """Write back (detached) the final vectors of examples ``index``; a vector that is zero,
+        NaN, inf or too small to stay a direction in the store's dtype is re-drawn instead."""
         rows = self._rows(index)
         for i, u in vectors.items():
-            self.vectors[i][rows] = u.detach().to(device=self.device, dtype=self.dtype)
+            self.vectors[i][rows] = usable_vectors(u.detach().to(device=self.device, dtype=self.dtype))
 
     def state_dict(self):
         return {'vectors': self.vectors, 'position': self.position}
@@ -566,6 +612,18 @@ class SingularVectorStore:
             if v.shape != self.vectors[i].shape:
                 raise ValueError(f'store layer {i}: saved shape {tuple(v.shape)} != {tuple(self.vectors[i].shape)}')
             self.vectors[i].copy_(v)
+
+
+def usable_vectors(u):
+    """``u`` [B, ...] with every row that cannot serve as a start vector (norm zero, below 1e-3 of a
+    unit vector, NaN or inf) replaced by a fresh standard normal row."""
+    norms = u.float().flatten(1).norm(dim=1)
+    bad = ~(torch.isfinite(norms) & (norms > 1e-3))
+    if not bad.any():
+        return u
+    u = u.clone()
+    u[bad] = torch.randn(int(bad.sum()), *u.shape[1:], device=u.device).to(u.dtype)
+    return u
 
 
 def example_normals(shapes, index, seed):
@@ -602,32 +660,161 @@ def _store_tensors(shapes, rows, seed, dtype, device, pin_memory):
 
 # ----------------------------------------------------------------------------- Lipschitz product
 
-def lipschitz_product(state, options, *, bound='local', store=None, index=None):
-    """Per-sample product of the norms of the recorded layers, the final start vectors, and the
-    norms themselves ({layer index: sigma [B]}, detached).
+def lipschitz_product(state, settings, *, store=None, index=None):
+    """Per-sample product of the estimated norms of the recorded layers, the final start vectors,
+    and the norms themselves ({layer index: sigma [B]}, detached). The estimate methods only.
 
-    ``bound='global'`` uses every layer's global norm. With a store, its layers use their stored
-    start vectors and the other layers contribute their global norm (TinyImageNet's partial
-    stores); without one, every layer starts from fresh random vectors. The per-sample norms are
-    those of ``options.method`` (power iteration or Lanczos, see ``spectral.masked_norm``).
+    ``settings.bound == 'global'`` uses every layer's global norm. With a store, its layers use
+    their stored start vectors and the other layers contribute their global norm (TinyImageNet's
+    partial stores); without one, every layer starts from fresh random vectors. The per-sample
+    norms are those of ``settings.method`` (see ``spectral.masked_norm``).
     """
     batch = state.centre.size(0)
     product = torch.ones(batch, device=state.centre.device, dtype=state.centre.dtype)
     starts = store.gather(index, state.centre.device, state.centre.dtype) if store is not None else {}
     finals, norms = {}, {}
     for rec in state.records:
-        if bound == 'global' or (store is not None and rec.index not in store):
+        if settings.bound == 'global' or (store is not None and rec.index not in store):
             sigma = rec.global_sigma.expand(batch)
         else:
             u = starts.get(rec.index)
             if u is None:
                 u = torch.randn(batch, *rec.op.in_shape, device=product.device, dtype=product.dtype)
-            sigma, finals[rec.index] = masked_norm(rec.op, u, rec.in_mask, rec.out_mask, options.sniter,
-                                                   method=options.method, tol=options.tol,
-                                                   grad=options.power_grad)
+            sigma, finals[rec.index] = masked_norm(rec.op, u, rec.in_mask, rec.out_mask, settings.sniter,
+                                                   method=settings.method, tol=settings.tol,
+                                                   grad=settings.power_grad)
         norms[rec.index] = sigma.detach()
         product = product * sigma
     return product, finals, norms
+
+
+# ----------------------------------------------------------------------------- guaranteed norms
+
+def failure_events(settings, layers):
+    """How many norm checks one guaranteed certificate can rest on: every layer's global norm and
+    its per-sample norm at every check (the union bound splits ``failure_prob`` over them)."""
+    checks = 0 if settings.bound == 'global' else len(guaranteed.check_steps(settings.sniter))
+    return max(1, layers * (checks + 1))
+
+
+def guaranteed_global_norms(model, input_shape, settings):
+    """{affine layer index: upper bound of its plain spectral norm} for every conv/linear layer but
+    the last (``guaranteed.global_norm_bound``, exact where the matrix is small)."""
+    check_boundable(model)
+    shapes = affine_input_shapes(model, input_shape)
+    delta = settings.failure_prob / failure_events(settings, len(shapes))
+    layers = list(model)
+    return {i: guaranteed.global_norm_bound(make_operator(layers[i], shape), settings.global_steps, delta,
+                                            settings.seed + 7919 * (i + 1))
+            for i, shape in shapes.items()}
+
+
+def fresh_starts(records, batch, index, seed, device):
+    """{layer index: standard normal start vectors [B, *in_shape]} drawn afresh: from (seed, example
+    index) when ``index`` is given (the same whatever the batch), else from ``seed`` and the row."""
+    shapes = {rec.index: rec.op.in_shape for rec in records}
+    if index is not None:
+        drawn = example_normals(shapes, torch.as_tensor(index).cpu(), seed)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        drawn = {i: torch.randn(batch, *shape, generator=generator) for i, shape in shapes.items()}
+    return {i: u.to(device) for i, u in drawn.items()}
+
+
+class _GuaranteedNorms:
+    """The per-sample norms of every recorded layer for the samples still undecided: exact ones
+    (small layers) and Krylov runs advanced together to each check."""
+
+    def __init__(self, records, starts, settings, batch):
+        self.exact, self.runs = {}, {}
+        for rec in records:
+            if guaranteed.explicit_size(rec.op) <= settings.exact_below:
+                self.exact[rec.index] = guaranteed.explicit_norm_bounds(rec.op, rec.in_mask, rec.out_mask, batch)
+            else:
+                self.runs[rec.index] = guaranteed.KrylovRun(rec.op, rec.in_mask, rec.out_mask, starts[rec.index],
+                                                            dtype=torch.float32)
+        self.order = [rec.index for rec in records]
+        self.rows = torch.arange(batch)
+
+    def check(self, steps, delta):
+        """Advance every run to ``steps``; returns ({layer: (estimate, upper)} for the remaining rows)."""
+        out = {}
+        for i in self.order:
+            if i in self.exact:
+                value = self.exact[i][self.rows.to(self.exact[i].device)]
+                out[i] = (value, value)
+            else:
+                run = self.runs[i]
+                run.advance(steps - run.steps)
+                out[i] = run.bounds(delta)
+        return out
+
+    def keep(self, keep):
+        """Drop the decided rows (``keep``: bool over the remaining rows)."""
+        self.rows = self.rows[keep.cpu()]
+        for run in self.runs.values():
+            run.keep(keep)
+
+
+def _rows_of(state, rows):
+    """The penultimate centre and box of ``rows`` (what the last layer reads)."""
+    return BoundState(state.centre[rows], state.radius[rows], state.lower[rows], state.upper[rows])
+
+
+def guaranteed_local_product(state, last, logits, y, eps, settings, index=None):
+    """Guaranteed per-sample products and label columns, decided check by check.
+
+    At each check (``guaranteed.check_steps``) every layer's norm has an estimate and an upper
+    bound; a sample stops once the upper bounds certify it (certified) or the estimates do not
+    (the converged norms, which lie between the two, would not either), else at the last check.
+    ``y`` None: no decisions; a sample stops once its product's bound is within ``settings.tol``
+    (default 1e-2) of its estimate. Returns (product [B], label column [B, C] or None, norms).
+    """
+    batch, device = state.centre.size(0), state.centre.device
+    product = torch.zeros(batch, dtype=torch.float64, device=device)
+    norms = {rec.index: torch.zeros(batch, dtype=torch.float64, device=device) for rec in state.records}
+    column = None if y is None else torch.zeros_like(logits)
+    checks = guaranteed.check_steps(settings.sniter)
+    delta = settings.failure_prob / failure_events(settings, len(state.records))
+    runs = _GuaranteedNorms(state.records, fresh_starts(state.records, batch, index, settings.seed, device),
+                            settings, batch)
+    remaining = torch.arange(batch, device=device)
+    for k, steps in enumerate(checks):
+        if not remaining.numel():
+            break
+        bounds = runs.check(steps, delta) if state.records else {}
+        low = math.prod((b[0] for b in bounds.values()), start=torch.ones(len(remaining), dtype=torch.float64,
+                                                                              device=device))
+        high = math.prod((b[1] for b in bounds.values()), start=torch.ones_like(low))
+        last_check = k + 1 == len(checks)
+        if y is None:
+            done = torch.full_like(low, last_check, dtype=torch.bool) | (high <= low * (1 + (settings.tol or 1e-2)))
+        else:
+            sub, ys = _rows_of(state, remaining), y[remaining]
+            column_high = _column(last, ys, sub, eps[remaining] * high.to(eps.dtype), settings)
+            column_low = _column(last, ys, sub, eps[remaining] * low.to(eps.dtype), settings)
+            certified = _decides(logits[remaining], ys, column_high)
+            done = certified | ~_decides(logits[remaining], ys, column_low) | last_check
+            column[remaining[done]] = column_high[done]
+        product[remaining[done]] = high[done]
+        for i, (_, upper) in bounds.items():
+            norms[i][remaining[done]] = upper[done]
+        runs.keep(~done)
+        remaining = remaining[~done]
+    return product.to(state.centre.dtype), column, norms
+
+
+def _column(last, y, state, radius, settings):
+    return label_column(last.weight, y, state, radius, settings.opt_iter, layout=settings.layout,
+                        translation=settings.translation)
+
+
+def _decides(logits, y, column):
+    """Bool: the clean prediction is right and the worst-case logits from ``column`` certify
+    (finite, label first by the margin)."""
+    worst = translate(logits, y, column)
+    return (correct_predictions(logits, y) & torch.isfinite(column).all(dim=1)
+            & strictly_first(worst, y, MARGIN_RTOL))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -636,24 +823,26 @@ def lipschitz_product(state, options, *, bound='local', store=None, index=None):
 class BoundOutput:
     logits: torch.Tensor        # clean logits (the ball centre through the last layer)
     worst: torch.Tensor         # worst-case logits [B, C] (or [B, C+1] with gloro)
-    lipschitz: torch.Tensor     # per-sample product of the layer norms [B]
+    lipschitz: torch.Tensor     # per-sample product of the layer norms [B] (upper bounds when guaranteed)
     sparsity: torch.Tensor      # TinyImageNet sparsity term (0 unless sp_thres is given)
     norms: dict = field(default_factory=dict)     # {affine layer index: its norm in the product [B]}
     varying: dict = field(default_factory=dict)   # {activation index: fraction of varying neurons [B]}
     global_lipschitz: Optional[torch.Tensor] = None  # product of the plain (global) norms of the pass
-
-
-class BoundError(ValueError):
-    """A model or input the bound pass cannot handle (one-line message)."""
+    global_norms: dict = field(default_factory=dict)  # {affine layer index: the global norm that sized its box}
+    finite: Optional[torch.Tensor] = None         # bool [B]: box, translation and product all finite
+    failure_prob: Optional[float] = None          # guaranteed: a certificate fails with at most this
 
 
 def check_boundable(model):
-    """Refuse a model whose last module is not a Linear layer: the translation needs affine logits."""
+    """Refuse (BoundError, one line) a model whose last module is not a Linear layer (the
+    translation needs affine logits) or that holds a layer the rules do not model."""
     layers = list(model)
-    if not layers or not isinstance(layers[-1], nn.Linear):
+    if not layers or type(layers[-1]) is not nn.Linear:
         last = type(layers[-1]).__name__ if layers else 'nothing'
         raise BoundError(f'the last module of the model must be nn.Linear (the logits), not {last}: '
                          'an activation after the logits would void the worst-case translation')
+    for index, layer in enumerate(layers[:-1]):
+        rule_for(layer, index)
 
 
 # Certification decides with a margin, never on a tie: float32 rounding of logits of size |z| is
@@ -676,96 +865,104 @@ def correct_predictions(logits, y):
 
 
 def certified_predictions(out, y):
-    """Bool [B] from a BoundOutput: correct clean prediction, finite Lipschitz product and worst-case
-    logits, and the label's worst-case logit first by more than the margin (``MARGIN_RTOL``)."""
-    return (correct_predictions(out.logits, y) & torch.isfinite(out.lipschitz)
+    """Bool [B] from a BoundOutput: correct clean prediction, finite box, translation, Lipschitz
+    product and worst-case logits, and the label's worst-case logit first by more than the margin
+    (``MARGIN_RTOL``)."""
+    finite = out.finite if out.finite is not None else torch.ones_like(y, dtype=torch.bool)
+    return (correct_predictions(out.logits, y) & torch.isfinite(out.lipschitz) & finite
             & strictly_first(out.worst, y, MARGIN_RTOL))
 
 
-def bound_outputs(model, x, y, eps, *, sniter, opt_iter, store=None, index=None, gloro=False,
-                  bound='local', sp_thres=None, layout='label', power_grad='unrolled', method='power',
-                  translation='iterative', tol=None):
-    """One bound pass: clean logits, worst-case logits, Lipschitz product and sparsity term (plus
-    the per-layer norms and the fractions of varying neurons, see ``BoundOutput``).
+def _box_finite(state):
+    finite = [torch.isfinite(t).flatten(1).all(dim=1) for t in (state.centre, state.lower, state.upper)]
+    return finite[0] & finite[1] & finite[2] & torch.isfinite(state.radius)
 
-    ``store``/``index``: per-example start vectors (read, then written back).
-    ``method``: per-sample masked norms by 'power' iteration (the authors': at most ``sniter``
-    rounds, one early stop for the batch at ``tol``, default 1e-3) or 'lanczos' (at most
-    ``sniter`` steps of the same cost, each sample stopping at relative Ritz residual ``tol``,
-    default 1e-4; never below power iteration from the same start).
-    ``translation``: the last-layer solver, 'iterative' (``opt_iter`` rounds of the authors'
-    clip-and-rescale) or 'exact' (``last_layer.exact_solver``; ``opt_iter`` unused).
-    ``layout``: 'label' solves only the B x C problems the worst-case logits need; 'pairwise'
-    solves all B x C x C (the authors' layout) and takes the label column.
-    ``power_grad``: how gradients pass the power iterations, 'unrolled' or 'final' (see
-    ``masked_spectral_norm``); values are the same either way.
+
+def bound_outputs(model, x, y, eps, settings=CERTIFIED, *, store=None, index=None):
+    """One bound pass with ``settings`` (a ``settings.BoundSettings``; default: guaranteed norms):
+    clean logits, worst-case logits, Lipschitz product and sparsity term, plus the per-layer norms,
+    the fractions of varying neurons and whether everything was finite (see ``BoundOutput``).
+
+    ``store``/``index``: per-example start vectors of the estimate methods (read, then written
+    back). Guaranteed norms never read a store: they start from fresh vectors seeded by
+    ``settings.seed`` and the example ``index`` (or the row when index is None).
+    NaN entries of the translation are set to 0 in the worst-case logits (the authors' rule, for the
+    training loss); ``finite`` records them, and ``certified_predictions`` never certifies them.
     """
-    if bound not in ('local', 'global'):
-        raise ValueError(f"bound must be 'local' or 'global', not {bound!r}")
-    for name, value, allowed in (('method', method, METHODS), ('translation', translation, TRANSLATIONS),
-                                 ('layout', layout, LAYOUTS)):
-        if value not in allowed:
-            raise ValueError(f'{name} must be one of {allowed}, not {value!r}')
-    options = PassOptions(sniter=sniter, sp_thres=sp_thres, power_grad=power_grad, method=method, tol=tol)
-    state = propagate(model, x, eps, options)
-    product, finals, norms = lipschitz_product(state, options, bound=bound, store=store, index=index)
-    if store is not None and finals:
-        store.scatter(index, finals)
+    settings = _checked(settings)
+    eps = per_sample_eps(eps, x)
+    global_norms = guaranteed_global_norms(model, x.shape[1:], settings) if settings.guaranteed else None
+    state = propagate(model, x, eps, settings, global_norms)
     last = list(model)[-1]
     logits = last(state.centre)
-    column = label_column(last.weight, y, state, per_sample_eps(eps, x) * product, opt_iter, layout=layout,
-                          translation=translation)
+    if settings.guaranteed and settings.bound == 'local':
+        product, column, norms = guaranteed_local_product(state, last, logits, y, eps, settings, index)
+    else:
+        if settings.guaranteed:           # the product of the guaranteed global norms
+            product, finals, norms = lipschitz_product(state, settings)
+        else:
+            product, finals, norms = lipschitz_product(state, settings, store=store, index=index)
+            if store is not None and finals:
+                store.scatter(index, finals)
+        column = _column(last, y, state, eps * product, settings)
+    finite = _box_finite(state) & torch.isfinite(column).all(dim=1) & torch.isfinite(product)
+    column = torch.where(torch.isnan(column), torch.zeros_like(column), column)
     sparsity = state.sparsity if torch.is_tensor(state.sparsity) else logits.new_zeros(())
     global_product = math.prod(rec.global_sigma for rec in state.records) if state.records else logits.new_ones(())
-    return BoundOutput(logits, translate(logits, y, column, gloro), product, sparsity, norms, state.varying,
-                       global_product)
+    return BoundOutput(logits, translate(logits, y, column, settings.gloro), product, sparsity, norms,
+                       state.varying, global_product,
+                       {rec.index: float(rec.global_sigma.detach()) for rec in state.records}, finite,
+                       settings.failure_prob if settings.guaranteed else None)
 
 
-def worst_case_logits(model, x, y, eps, *, sniter, opt_iter, store=None, index=None, gloro=False,
-                      bound='local'):
-    """Differentiable worst-case logits [B, C] (or [B, C+1] with ``gloro``) in the eps-ball of x."""
-    return bound_outputs(model, x, y, eps, sniter=sniter, opt_iter=opt_iter, store=store, index=index,
-                         gloro=gloro, bound=bound).worst
+def worst_case_logits(model, x, y, eps, settings, *, store=None, index=None):
+    """Differentiable worst-case logits [B, C] (or [B, C+1] with ``settings.gloro``) in the eps-ball."""
+    return bound_outputs(model, x, y, eps, settings, store=store, index=index).worst
 
 
 @torch.no_grad()
-def certify(model, x, y, eps, *, sniter=2000, opt_iter=1000, bound='local', store=None, index=None,
-            method='power', translation='iterative', layout='label'):
+def certify(model, x, y, eps, settings=CERTIFIED, *, store=None, index=None):
     """Bool [B]: True where the example is certified (see ``certified_predictions``).
 
-    The defaults are the authors' procedure (power iteration, clip-and-rescale);
-    ``method='lanczos', translation='exact'`` certifies faster with bounds at least as tight.
-    """
-    out = bound_outputs(model, x, y, eps, sniter=sniter, opt_iter=opt_iter, bound=bound, store=store,
-                        index=index, method=method, translation=translation, layout=layout)
+    The default settings are guaranteed (``settings.CERTIFIED``); ``settings.AUTHORS`` is the
+    authors' procedure and ``settings.LANCZOS`` today's fast estimate (no guarantee)."""
+    out = bound_outputs(model, x, y, eps, settings, store=store, index=index)
     return certified_predictions(out, y)
 
 
 @torch.no_grad()
-def local_lipschitz(model, x, eps, *, sniter=2000, method='power'):
-    """[B]: product of the masked spectral norms of every conv/linear layer but the last."""
-    options = PassOptions(sniter=sniter, method=method)
-    state = propagate(model, x, eps, options)
-    return lipschitz_product(state, options)[0]
+def local_lipschitz(model, x, eps, settings=CERTIFIED, *, index=None):
+    """[B]: product of the masked spectral norms of every conv/linear layer but the last (upper
+    bounds with guaranteed settings, each within ``settings.tol``, default 1e-2, of its estimate)."""
+    settings = _checked(settings).replace(bound='local')
+    eps = per_sample_eps(eps, x)
+    if settings.guaranteed:
+        state = propagate(model, x, eps, settings, guaranteed_global_norms(model, x.shape[1:], settings))
+        return guaranteed_local_product(state, None, None, None, eps, settings, index)[0]
+    state = propagate(model, x, eps, settings)
+    return lipschitz_product(state, settings)[0]
 
 
 @torch.no_grad()
-def layer_norms(model, x, eps, *, method='power', sniter=2000, tol=None, precise=False, rtol=1e-6):
+def layer_norms(model, x, eps, settings=CERTIFIED, *, precise=False, rtol=1e-6):
     """{affine layer index: per-sample masked norm [B]} of every conv/linear layer but the last,
-    on the masks of one bound pass at ``eps`` (global norms by ``sniter`` power iterations).
+    on the masks of one bound pass at ``eps``.
 
-    ``precise=False``: the norms a certification with ``method``/``sniter``/``tol`` multiplies
-    (fresh random starts). ``precise=True``: ``spectral.precise_masked_norms`` of the same masks
-    (float64; explicit SVD for small layers, else Lanczos with full re-orthogonalisation to
-    relative residual ``rtol``), for a convergence audit.
+    ``precise=False``: the norms a certification with ``settings`` multiplies (fresh starts).
+    ``precise=True``: ``spectral.precise_masked_norms`` of the same masks (float64; explicit SVD
+    for small layers, else Lanczos with full re-orthogonalisation to relative residual ``rtol``),
+    for a convergence audit.
     """
-    options = PassOptions(sniter=sniter, method=method, tol=tol)
-    state = propagate(model, x, eps, options)
-    if not precise:
-        return lipschitz_product(state, options)[2]
-    return {rec.index: precise_masked_norms(rec.op, rec.in_mask, rec.out_mask, rtol=rtol,
-                                              batch=x.size(0)).to(x.dtype)
-            for rec in state.records}
+    settings = _checked(settings).replace(bound='local')
+    global_norms = guaranteed_global_norms(model, x.shape[1:], settings) if settings.guaranteed else None
+    state = propagate(model, x, eps, settings, global_norms)
+    if precise:
+        return {rec.index: precise_masked_norms(rec.op, rec.in_mask, rec.out_mask, rtol=rtol,
+                                                  batch=x.size(0)).to(x.dtype)
+                for rec in state.records}
+    if settings.guaranteed:
+        return guaranteed_local_product(state, None, None, None, per_sample_eps(eps, x), settings)[2]
+    return lipschitz_product(state, settings)[2]
 
 
 def infer_input_shape(model):
@@ -807,16 +1004,16 @@ def global_lipschitz(model, *, sniter=2000, input_shape=None, precise=False):
 class BoundedModel(nn.Module):
     """Wraps a Sequential so that one forward (and so DistributedDataParallel) covers the bound pass.
 
-    ``forward(x)`` is the plain model; ``forward(x, y, eps, **options)`` returns the fields of
-    ``bound_outputs`` as a tuple (logits, worst, lipschitz, sparsity).
+    ``forward(x)`` is the plain model; ``forward(x, y, eps, settings, store=, index=)`` returns the
+    fields of ``bound_outputs`` as a tuple (logits, worst, lipschitz, sparsity).
     """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, x, y=None, eps=None, **options):
+    def forward(self, x, y=None, eps=None, settings=CERTIFIED, store=None, index=None):
         if eps is None:
             return self.model(x)
-        out = bound_outputs(self.model, x, y, eps, **options)
+        out = bound_outputs(self.model, x, y, eps, settings, store=store, index=index)
         return out.logits, out.worst, out.lipschitz, out.sparsity

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import local_bound
+from settings import CERTIFIED
 
 PAPER_RADII = {'mnist': (1.58,), 'cifar10': (36 / 255, 72 / 255, 108 / 255),
                'tinyimagenet': (36 / 255, 72 / 255, 108 / 255)}
@@ -47,15 +48,15 @@ def bisection_steps(points, tol):
     return max(0, math.ceil(math.log2(widest / tol)))
 
 
-def _certifier(model, x, y, options, store, index):
+def _certifier(model, x, y, settings, store, index):
     """``certify(rows, eps)``: the certificate of examples ``rows`` at ``eps`` (a number, or one
     per row), as a bool CPU tensor: one batched bound pass."""
     def certify(rows, eps):
         on_device = rows.to(x.device)
         subset = None if index is None else index[rows.to(index.device)]
         eps = eps.to(x.device) if torch.is_tensor(eps) else eps
-        return local_bound.certify(model, x[on_device], y[on_device], eps, store=store, index=subset,
-                                   **options).cpu()
+        return local_bound.certify(model, x[on_device], y[on_device], eps, settings, store=store,
+                                   index=subset).cpu()
     return certify
 
 
@@ -74,21 +75,19 @@ def _grid_brackets(table, correct, points):
 
 
 @torch.no_grad()
-def certified_radii(model, x, y, *, eps_max, tol=1e-3, grid=8, anchors=(), eval_eps=None,
-                    sniter=2000, opt_iter=1000, bound='local', store=None, index=None, method='power',
-                    translation='iterative'):
+def certified_radii(model, x, y, *, eps_max, settings=CERTIFIED, tol=1e-3, grid=8, anchors=(),
+                    eval_eps=None, store=None, index=None):
     """Certified radius of every example of the batch, by batched bisection (module docstring).
 
-    ``sniter``/``opt_iter``/``bound``/``store``/``index``/``method``/``translation`` go to
-    ``local_bound.certify``. Returns
+    ``settings`` (default: guaranteed norms), ``store`` and ``index`` go to ``local_bound.certify``.
+    Returns
     a dict of CPU tensors [B]: ``prediction``, ``correct``, ``radius`` (certified, float64),
     ``upper`` (smallest eps found not certified; inf when capped, 0 when misclassified),
     ``capped``, ``monotone``, ``local_bound`` (``local_bound.local_lipschitz`` at the radius) and,
     when ``eval_eps`` is given, ``local_bound_eps`` (at ``eval_eps``); plus the numbers ``tol``,
     ``steps`` (bisection steps run) and ``non_monotone`` (count of examples not monotone).
     """
-    options = dict(sniter=sniter, opt_iter=opt_iter, bound=bound, method=method, translation=translation)
-    certify = _certifier(model, x, y, options, store, index)
+    certify = _certifier(model, x, y, settings, store, index)
     logits = model(x)
     prediction = logits.argmax(1).cpu()
     correct = local_bound.correct_predictions(logits, y).cpu()
@@ -106,12 +105,12 @@ def certified_radii(model, x, y, *, eps_max, tol=1e-3, grid=8, anchors=(), eval_
     upper = torch.where(correct, upper, torch.zeros_like(upper))
     result = {'prediction': prediction, 'correct': correct, 'radius': lower, 'upper': upper,
               'capped': correct & (first == len(points)), 'monotone': monotone,
-              'local_bound': local_bound.local_lipschitz(model, x, lower.to(x.device), sniter=sniter,
-                                                         method=method).cpu(),
+              'local_bound': local_bound.local_lipschitz(model, x, lower.to(x.device), settings,
+                                                         index=index).cpu(),
               'tol': tol, 'steps': steps, 'non_monotone': int((~monotone).sum())}
     if eval_eps is not None:
-        result['local_bound_eps'] = local_bound.local_lipschitz(model, x, eval_eps, sniter=sniter,
-                                                                method=method).cpu()
+        result['local_bound_eps'] = local_bound.local_lipschitz(model, x, eval_eps, settings,
+                                                                index=index).cpu()
     return result
 
 
@@ -128,13 +127,20 @@ def radius_rows(result, index, label, global_bound):
     return rows
 
 
-def dataset_radii(model, loader, *, device, eps_max, eval_eps=None, anchors=(), global_bound=None,
-                  progress=True, store=None, **options):
+def global_product(model, input_shape, settings):
+    """The CSV's global bound: the product of guaranteed global norms (upper bounds) with guaranteed
+    settings, else ``local_bound.global_lipschitz`` (power iteration)."""
+    if settings.guaranteed:
+        return math.prod(local_bound.guaranteed_global_norms(model, input_shape, settings).values())
+    return local_bound.global_lipschitz(model, sniter=settings.sniter, input_shape=input_shape)
+
+
+def dataset_radii(model, loader, *, device, eps_max, settings=CERTIFIED, eval_eps=None, anchors=(),
+                  global_bound=None, progress=True, store=None, **options):
     """``certified_radii`` over a loader of ``(x, y, index)`` batches.
 
-    ``global_bound``: the value of the CSV's global_bound column (default
-    ``local_bound.global_lipschitz`` of the model on the loader's input shape). ``options``:
-    ``tol``, ``grid``, ``sniter``, ``opt_iter``, ``bound``, ``method``, ``translation``. Returns (rows for
+    ``global_bound``: the value of the CSV's global_bound column (default ``global_product``). ``options``:
+    ``tol``, ``grid``. Returns (rows for
     ``write_radius_csv``, summary dict with ``examples``, ``non_monotone``, ``capped``, ``tol``
     and ``steps``).
     """
@@ -144,10 +150,9 @@ def dataset_radii(model, loader, *, device, eps_max, eval_eps=None, anchors=(), 
                             leave=False):
         x, y = x.to(device), y.to(device)
         if global_bound is None:
-            global_bound = local_bound.global_lipschitz(model, sniter=options.get('sniter', 2000),
-                                                        input_shape=x.shape[1:])
-        result = certified_radii(model, x, y, eps_max=eps_max, eval_eps=eval_eps, anchors=anchors,
-                                 store=store, index=index if store is not None else None, **options)
+            global_bound = global_product(model, x.shape[1:], settings)
+        result = certified_radii(model, x, y, eps_max=eps_max, settings=settings, eval_eps=eval_eps,
+                                 anchors=anchors, store=store, index=index, **options)
         rows += radius_rows(result, index, y.cpu(), global_bound)
         summary['examples'] += len(y)
         summary['non_monotone'] += result['non_monotone']

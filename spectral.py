@@ -13,11 +13,9 @@ An operator ``op`` is any object with ``layer`` (holding ``weight``), ``in_shape
 import contextlib
 import copy
 import math
-import weakref
 
 import torch
 
-EPS = 1e-12
 LOCAL_TOL = 1e-3       # early stop of the per-sample masked power iteration (change of u)
 GLOBAL_TOL = 1e-4      # early stop of the global power iteration
 LANCZOS_TOL = 1e-4     # per-sample stop of Lanczos: relative Ritz residual
@@ -36,18 +34,33 @@ def batch_norms(t):
 
 # ----------------------------------------------------------------------------- global norms
 
-_global_vectors = weakref.WeakKeyDictionary()   # layer -> persistent vector (warm start)
+# Each affine layer keeps its warm global vector as a non-persistent buffer ``power_vector``: it
+# lives with the model (moves with .to(), is saved by global_vectors_state into our checkpoints)
+# but stays out of the state_dict, so the authors' checkpoints still load.
+VECTOR = 'power_vector'
+
+
+def warm_vector(layer):
+    """The layer's warm global power-iteration vector, or None."""
+    return getattr(layer, VECTOR, None)
+
+
+def set_warm_vector(layer, u):
+    if VECTOR in layer._buffers:
+        layer._buffers[VECTOR] = u
+    else:
+        layer.register_buffer(VECTOR, u, persistent=False)
 
 
 def global_vectors_state(model):
     """{layer index: persistent global power-iteration vector} of ``model`` (for checkpoints)."""
-    return {i: _global_vectors[layer].cpu() for i, layer in enumerate(model) if layer in _global_vectors}
+    return {i: warm_vector(layer).cpu() for i, layer in enumerate(model) if warm_vector(layer) is not None}
 
 
 def load_global_vectors(model, state):
     device = next(model.parameters()).device
     for i, u in state.items():
-        _global_vectors[model[int(i)]] = u.to(device)
+        set_warm_vector(model[int(i)], u.to(device))
 
 
 def global_vector_shape(op):
@@ -59,31 +72,45 @@ def global_vector_shape(op):
 def global_spectral_norm(op, iters, tol=GLOBAL_TOL, grad='unrolled'):
     """``||W||_2`` by power iteration, warm-started from the layer's last vector."""
     shape, weight = global_vector_shape(op), op.layer.weight
-    u = _global_vectors.get(op.layer)
-    if u is None or u.shape[1:] != shape or u.device != weight.device or u.dtype != weight.dtype:
+    u = warm_vector(op.layer)
+    if (u is None or u.shape[1:] != shape or u.device != weight.device or u.dtype != weight.dtype
+            or not _usable(u)):
         u = torch.randn(1, *shape, device=weight.device, dtype=weight.dtype)
     if isinstance(op.layer, torch.nn.Linear):
         sigma, u = _output_side_power_iteration(weight, u, iters, tol, grad)
     else:
         sigma, u = _power_iteration(op, u, None, None, iters, tol, grad)
-    _global_vectors[op.layer] = u.detach()
+    set_warm_vector(op.layer, u.detach())
     return sigma[0]
+
+
+def _usable(u):
+    """A vector that can start a power iteration: finite, and not zero in its dtype."""
+    norm = u.detach().float().norm()
+    return bool(torch.isfinite(norm) and norm > 0)
 
 
 def _output_side_power_iteration(weight, u, iters, tol, grad):
     """The authors' global iteration of a Linear layer: ``v = W^T u/|W^T u|``, ``u = W v/|W v|``
     (no EPS), stop once u moves less than ``tol``; ``sigma = u^T W v``. Returns (sigma [1], u)."""
     _check_grad(grad)
+    overflow = False
     with torch.no_grad() if grad == 'final' else contextlib.nullcontext():
         for it in range(iters):
             previous = u
             v = u @ weight
-            v = v / v.norm()
+            v_norm = v.norm()
+            v = v / v_norm.clamp(min=torch.finfo(v.dtype).tiny)
             u = v @ weight.t()
-            u = u / u.norm()
-            if it + 1 == iters or (u - previous).norm() < tol:
+            u_norm = u.norm()
+            u = u / u_norm.clamp(min=torch.finfo(u.dtype).tiny)
+            overflow = not bool(torch.isfinite(v_norm) & torch.isfinite(u_norm))
+            if overflow or it + 1 == iters or (u - previous).norm() < tol:
                 break
-    return (u * (v @ weight.t())).sum().view(1), u
+    sigma = (u * (v @ weight.t())).sum().view(1)
+    if overflow:        # a norm past the dtype's range: no estimate, never a certificate from it
+        return torch.full_like(sigma, math.inf), torch.randn_like(u)
+    return sigma, u
 
 
 def _check_grad(grad):
@@ -109,20 +136,23 @@ def _power_iteration(op, u, in_mask, out_mask, iters, tol, grad='unrolled'):
     """Alternate ``v = normalise(D_out W D_in u)``, ``u = normalise(D_in W^T v)``.
 
     Stops after ``iters`` rounds or once no sample's ``u`` moved by ``tol`` or more (one stop for
-    the whole batch). The estimate ``<v, D_out W D_in u>`` equals ``|D_in W^T v|^2 / (|D_in W^T v| + EPS)``
-    for the final u, so it costs no extra operator application.
+    the whole batch). The estimate ``<v, D_out W D_in u>`` equals ``|D_in W^T v|`` for the final u,
+    so it costs no extra operator application. Normalisations divide by the norm itself (at least
+    the dtype's smallest normal number), so the layer's scale does not matter; a start row that is
+    zero on ``D_in`` (a stored vector of an example whose varying neurons changed) is re-drawn.
     """
     _check_grad(grad)
     final = grad == 'final'
     with torch.no_grad() if final else contextlib.nullcontext():
         # after the first round u = D_in W^T v / |.| already has D_in u = u: mask the start only
-        masked = u * in_mask if in_mask is not None else u
+        u, masked = _redrawn_where_degenerate(u, in_mask)
         for it in range(iters):
             previous = u
             out = op.linear(masked)
             if out_mask is not None:
                 out = out.mul_(out_mask) if final else out * out_mask
-            v = _normalised(out, final)
+            out_norm = batch_norms(out)
+            v = _normalised(out, final, out_norm)
             back = op.adjoint(v)
             if in_mask is not None:
                 back = back.mul_(in_mask) if final else back * in_mask
@@ -130,8 +160,8 @@ def _power_iteration(op, u, in_mask, out_mask, iters, tol, grad='unrolled'):
             u = masked = _normalised(back, final, norm)
             if it + 1 == iters or (u - previous).flatten(1).norm(dim=1).max() < tol:
                 break
-        norm = norm.flatten()
-        sigma = norm * norm / (norm + EPS)
+        # |M u| past the dtype's range normalises v to 0 and would read as a norm of 0: inf instead
+        sigma = torch.where(torch.isfinite(out_norm.flatten()), norm.flatten(), math.inf)
     if final and torch.is_grad_enabled() and op.layer.weight.requires_grad:
         # v = D_out v and u = D_in u already, so d<v, D_out W D_in u>/dW = sum_b g_b v_b u_b^T
         sigma = _RayleighQuotient.apply(op.layer.weight, sigma, op, u, v)
@@ -139,9 +169,23 @@ def _power_iteration(op, u, in_mask, out_mask, iters, tol, grad='unrolled'):
 
 
 def _normalised(t, in_place, norm=None):
-    """``t / (|t| + EPS)`` per sample (in place when ``in_place``)."""
-    norm = batch_norms(t) if norm is None else norm
-    return t.div_(norm + EPS) if in_place else t / (norm + EPS)
+    """``t / |t|`` per sample, a zero sample staying zero (in place when ``in_place``)."""
+    norm = (batch_norms(t) if norm is None else norm).clamp(min=torch.finfo(t.dtype).tiny)
+    return t.div_(norm) if in_place else t / norm
+
+
+def _redrawn_where_degenerate(u, in_mask):
+    """(``u`` with fresh standard normal rows where ``u`` masked by ``in_mask`` is zero, NaN or inf,
+    that masked start)."""
+    masked = u * in_mask if in_mask is not None else u
+    norms = masked.detach().flatten(1).norm(dim=1)
+    bad = ~(torch.isfinite(norms) & (norms > 0))
+    if in_mask is not None and bad.any():          # an empty mask has norm 0 whatever the start
+        bad &= in_mask.detach().flatten(1).any(dim=1)
+    if not bad.any():
+        return u, masked
+    u = torch.where(bad.view(-1, *([1] * (u.dim() - 1))), torch.randn_like(u), u)
+    return u, (u * in_mask if in_mask is not None else u)
 
 
 class _RayleighQuotient(torch.autograd.Function):
@@ -350,14 +394,14 @@ class _LanczosCycle:
         if self.full and j > 0:
             r = _orthogonalised(r, self.Q[active, :j])
         a = r.norm(dim=1)
-        q = r.div_(a.unsqueeze(1) + EPS)
+        q = r.div_(a.unsqueeze(1).clamp(min=torch.finfo(r.dtype).tiny))
         if self.full:
             self.Q[active, j] = q
         s = self.masked.adjoint(q, rows).addcmul_(a.unsqueeze(1), p, value=-1)
         if self.full:
             s = _orthogonalised(s, self.P[active, :j + 1])
         b = s.norm(dim=1)
-        self.P[active, j + 1] = s.div_(b.unsqueeze(1) + EPS)
+        self.P[active, j + 1] = s.div_(b.unsqueeze(1).clamp(min=torch.finfo(s.dtype).tiny))
         self.alpha[active, j], self.beta[active, j] = a.double(), b.double()
         return q
 
@@ -369,8 +413,12 @@ class _LanczosCycle:
         if j > 0:
             off = a[:, 1:] * b[:, :-1]
             t = t + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+        broken = ~torch.isfinite(t).flatten(1).all(dim=1)       # the operator overflowed
+        if broken.any():
+            t = torch.where(broken.view(-1, 1, 1), torch.zeros_like(t), t)
         values, vectors = torch.linalg.eigh(t)
-        return values[:, -1], vectors[:, :, -1]
+        top = torch.where(broken, torch.full_like(values[:, -1], math.inf), values[:, -1])
+        return top, vectors[:, :, -1]
 
     def _finish(self, j, samples, sigma, y):
         """Ritz value and unit input-side Ritz vector ``P_{k+1} B y / sigma`` of ``samples``."""
@@ -439,7 +487,7 @@ def precise_global_norm(op, rtol=1e-6, mix=0.1, explicit_limit=2**22):
     vector untouched. When that vector exists the Lanczos start is it (moved to the input side for a
     Linear layer) plus ``mix`` of a random unit vector, so that every direction is present: a
     trained network's layers then converge in a few dozen steps instead of hundreds."""
-    warm = _global_vectors.get(op.layer)
+    warm = warm_vector(op.layer)
     start = None
     if warm is not None and warm.shape[1:] == tuple(global_vector_shape(op)):
         with torch.no_grad():

@@ -21,7 +21,9 @@ from tqdm import tqdm
 import attacks
 import data_load
 import local_bound
+import spectral
 import utils
+from settings import CERTIFIED, BoundSettings
 
 
 # ----------------------------------------------------------------------------- processes
@@ -305,15 +307,18 @@ def _progress(loader, runtime, desc):
                 dynamic_ncols=True)
 
 
-def bound_options(args, training):
-    """Keyword options of the bound pass for training or test time."""
-    return dict(sniter=args.sniter if training else args.test_sniter,
-                opt_iter=args.opt_iter if training else args.test_opt_iter,
-                gloro=args.gloro, bound=args.bound,
-                method='power' if training else getattr(args, 'spectral', 'power'),
-                translation='iterative' if training else getattr(args, 'translation', 'iterative'),
-                sp_thres=getattr(args, 'sp_thres', None) if getattr(args, 'sparse', 0) else None,
-                power_grad=getattr(args, 'power_grad', 'unrolled'))
+def bound_settings(args, training):
+    """The ``BoundSettings`` of the flags for training (the authors' warm power iteration and
+    clip-and-rescale, with the sparsity term when ``--sparse``) or test time (``--spectral``,
+    ``--translation``, ``--test_sniter``, ``--test_opt_iter``, ``--failure_prob``, seeded by ``--seed``)."""
+    method = 'power' if training else getattr(args, 'spectral', 'power')
+    return BoundSettings(
+        method=method, sniter=args.sniter if training else args.test_sniter,
+        opt_iter=args.opt_iter if training else args.test_opt_iter, gloro=args.gloro, bound=args.bound,
+        translation='iterative' if training else getattr(args, 'translation', 'iterative'),
+        sp_thres=getattr(args, 'sp_thres', None) if training and getattr(args, 'sparse', 0) else None,
+        power_grad=getattr(args, 'power_grad', 'unrolled') if method == 'power' else 'unrolled',
+        failure_prob=getattr(args, 'failure_prob', 1e-9), seed=args.seed)
 
 
 def train_clean_epoch(net, loader, optimizer, args, runtime, epoch, logger):
@@ -372,12 +377,12 @@ def _amp_dtype(runtime):
 def train_robust_epoch(net, loader, optimizer, args, runtime, epoch, eps, kappa, store, logger):
     """Robust epoch: kappa CE(z) + (1-kappa) CE(worst-case z) with per-batch eps/kappa increments."""
     net.train()
-    options = bound_options(args, training=True)
+    settings = bound_settings(args, training=True)
     sums, count = [0.0] * 5, 0
     for i, (x, y, index) in enumerate(_progress(loader, runtime, f'epoch {epoch}')):
         eps_i, kappa_i = utils.batch_schedule(args, eps, kappa, i, len(loader))
         x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
-        logits, worst, _, sparsity = net(x, y, eps_i, store=store, index=index, **options)
+        logits, worst, _, sparsity = net(x, y, eps_i, settings, store=store, index=index)
         ce = F.cross_entropy(logits, y)
         robust = F.cross_entropy(worst, y)
         loss = robust_objective(ce, robust, sparsity, kappa_i, args)
@@ -434,19 +439,21 @@ class TestStats:
     examples: int
     lipschitz: torch.Tensor      # per-example local Lipschitz products (CPU; with --bound global
                                  # computed for the logs, the certificates used the global one)
-    global_lipschitz: float      # product of the plain spectral norms, converged (nan: no batch)
+    global_lipschitz: float      # product of guaranteed upper bounds of the plain spectral norms (nan: no batch)
     varying: dict                # {activation layer index: mean fraction of varying neurons}
+    certified_index: torch.Tensor = None   # dataset indices of the certified examples (all ranks)
+    failure_prob: float = None   # guaranteed settings: each certificate fails with at most this
+    global_norms: dict = None    # {affine layer: smallest global norm any batch sized its box with}
 
 
 def certified_batches(model, loader, args, runtime, eps, store=None):
     """Yield ``(x, y, index, BoundOutput)`` for this rank's test batches at ``eps`` (test-time options)."""
     model.eval()
-    options = bound_options(args, training=False)
-    options['sp_thres'] = None
+    settings = bound_settings(args, training=False)
     for x, y, index in _progress(loader, runtime, f'certify eps={eps:.4f}'):
         x, y = x.to(runtime.device), y.to(runtime.device)
         with torch.no_grad():       # whoever consumes this: certification builds no autograd graph
-            out = local_bound.bound_outputs(model, x, y, eps, store=store, index=index, **options)
+            out = local_bound.bound_outputs(model, x, y, eps, settings, store=store, index=index)
         yield x, y, index, out
 
 
@@ -454,23 +461,29 @@ def certified_batches(model, loader, args, runtime, eps, store=None):
 def evaluate_certified(model, loader, args, runtime, eps, store=None):
     """Clean and certified error, robust loss, Lipschitz products and varying fractions at ``eps``."""
     wrong = uncertified = loss = total = 0
-    products, varying, input_shape = [], {}, None
-    for x, y, _, out in certified_batches(model, loader, args, runtime, eps, store):
+    products, varying, input_shape, certified_index, failure_prob, global_norms = [], {}, None, [], None, {}
+    for x, y, index, out in certified_batches(model, loader, args, runtime, eps, store):
         wrong += (~local_bound.correct_predictions(out.logits, y)).sum().item()
-        uncertified += (~local_bound.certified_predictions(out, y)).sum().item()
+        certified = local_bound.certified_predictions(out, y)
+        uncertified += (~certified).sum().item()
+        certified_index.append(torch.as_tensor(index)[certified.cpu()])
+        failure_prob = out.failure_prob
+        for layer, norm in out.global_norms.items():
+            global_norms[layer] = min(norm, global_norms.get(layer, math.inf))
         loss += F.cross_entropy(out.worst, y, reduction='sum').item()
         total += len(y)
         local = out.lipschitz
         if args.bound == 'global':      # the metrics compare the local bound with the global one
-            local = local_bound.local_lipschitz(model, x, eps, sniter=args.test_sniter)
+            local = local_bound.local_lipschitz(model, x, eps, bound_settings(args, training=False))
         products.append(local.float().cpu())
         input_shape = x.shape[1:]
         for layer, fraction in getattr(out, 'varying', {}).items():
             varying[layer] = varying.get(layer, 0.0) + float(fraction.sum())
     layers = sorted(varying)
-    # converged, so that local <= global holds in the log; computed once, on the main process
-    global_product = (local_bound.global_lipschitz(model, input_shape=input_shape, precise=True)
-                      if runtime.is_main else 0.0)
+    # an upper bound (guaranteed global norms), so that local <= global holds in the log; computed
+    # once, on the main process, and only when a batch gave the input shape
+    global_product = (math.prod(local_bound.guaranteed_global_norms(model, input_shape, CERTIFIED).values())
+                      if runtime.is_main and input_shape is not None else 0.0)
     wrong, uncertified, loss, total, global_product, *sums = runtime.sum(
         [wrong, uncertified, loss, total, global_product] + [varying[k] for k in layers])
     if not total:
@@ -478,7 +491,9 @@ def evaluate_certified(model, loader, args, runtime, eps, store=None):
     count = max(total, 1)
     return TestStats(wrong / count, uncertified / count, loss / count, int(total),
                      runtime.gather(torch.cat(products) if products else torch.zeros(0)),
-                     global_product, {k: v / count for k, v in zip(layers, sums)})
+                     global_product, {k: v / count for k, v in zip(layers, sums)},
+                     runtime.gather(torch.cat(certified_index) if certified_index else torch.zeros(0, dtype=torch.long)),
+                     failure_prob, global_norms)
 
 
 def evaluate_pgd(model, loader, args, runtime):
@@ -602,7 +617,7 @@ def _checkpoint(model, optimizer, scheduler, epoch, err, best_err, args):
             'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
             'best_err': best_err, 'rng': torch.get_rng_state(),
             'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            'global_vectors': local_bound.global_vectors_state(model), 'args': vars(args)}
+            'global_vectors': spectral.global_vectors_state(model), 'args': vars(args)}
 
 
 def _save_epoch(model, optimizer, scheduler, stores, epoch, err, best_err, args, logger):
@@ -632,7 +647,7 @@ def _resume(model, optimizer, scheduler, stores, args, runtime, logger):
     torch.set_rng_state(state['rng'].cpu())
     if state.get('cuda_rng') is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda_rng']])
-    local_bound.load_global_vectors(model, state.get('global_vectors', {}))
+    spectral.load_global_vectors(model, state.get('global_vectors', {}))
     store_path = args.prefix + '_store.pth'
     if os.path.isfile(store_path) and not runtime.distributed:
         for store, saved in zip(stores, load_state(store_path)):
@@ -798,25 +813,24 @@ def final_report(args, runtime, logger, test_loader, test_store, trained=None):
         dist.barrier()
     model, state = load_model(path, args.data, args.model, args.init, runtime.device)
     if trained is not None:
-        local_bound.load_global_vectors(model, local_bound.global_vectors_state(trained))
+        spectral.load_global_vectors(model, spectral.global_vectors_state(trained))
     logger.info(f"best model: epoch {state['epoch']}, certified error {state['err']:.4f} during training")
-    report = evaluate_all(model, test_loader, converged_settings(args), runtime, logger, store=test_store)
+    report = evaluate_all(model, test_loader, reported_settings(args), runtime, logger, store=test_store)
     report['best_epoch'] = state['epoch']
     return report
 
 
-# How reported certificates are computed (evaluate.py, audit.py, the final report after training):
-# Lanczos with per-sample stopping and the exact last-layer solver, at most 2000 steps. Same norms
-# as the authors' 2000 power iterations, never more than 1e-4 below them on bench/certify.py, and
-# several times faster; --spectral power --translation iterative is the authors' procedure.
-EVALUATION_DEFAULTS = dict(spectral='lanczos', translation='exact', test_sniter=2000)
+# How reported certificates are computed (evaluate.py, audit.py, compare.py, the final report after
+# training): guaranteed norms (upper bounds with failure probability --failure_prob) and the exact
+# last layer, at most 2000 Lanczos steps per norm (settings.CERTIFIED). --spectral lanczos is the
+# fast estimate, --spectral power --translation iterative the authors' procedure.
+EVALUATION_DEFAULTS = dict(spectral='guaranteed', translation='exact', test_sniter=2000)
 
 
-def converged_settings(args):
-    """``args`` for a certificate meant to be reported: the evaluation defaults with at least 2000
-    steps. The per-epoch test pass keeps ``--spectral``, ``--test_sniter`` and its warm
-    per-example store: its figures track training, while the final report must survive the
-    convergence audit."""
+def reported_settings(args):
+    """``args`` for a certificate meant to be reported: the evaluation defaults (guaranteed norms)
+    with at least 2000 steps. The per-epoch test pass keeps ``--spectral``, ``--test_sniter`` and
+    its warm per-example store: its figures track training (they are the method's)."""
     settings = argparse.Namespace(**vars(args))
     settings.spectral, settings.translation = EVALUATION_DEFAULTS['spectral'], EVALUATION_DEFAULTS['translation']
     settings.test_sniter = max(args.test_sniter, EVALUATION_DEFAULTS['test_sniter'])
@@ -831,7 +845,9 @@ def evaluate_all(model, loader, args, runtime, logger, store=None):
     logger.info(f'{total} test examples at eps {args.epsilon:.4f}: clean error {clean_err:.4f} '
                 f'(acc {1 - clean_err:.4f}) | PGD error {pgd_err:.4f} (acc {1 - pgd_err:.4f}) | '
                 f'certified error {cert_err:.4f} (acc {1 - cert_err:.4f})')
-    return {'clean_err': clean_err, 'pgd_err': pgd_err, 'certified_err': cert_err, 'examples': total}
+    logger.info('certificates: ' + bound_settings(args, training=False).describe())
+    return {'clean_err': clean_err, 'pgd_err': pgd_err, 'certified_err': cert_err, 'examples': total,
+            'stats': test}
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -208,12 +208,17 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
     g.add_argument('--test_sniter', type=int, default=100)
     g.add_argument('--test_opt_iter', type=int, default=1000)
     g.add_argument('--gloro', action='store_true', help='GloRo loss with an extra "bottom" logit')
-    g.add_argument('--spectral', choices=['power', 'lanczos'], default='power',
-                   help='per-sample masked spectral norms at test time: power = the authors\' power '
-                        'iteration (--test_sniter rounds), lanczos = Krylov iteration with per-sample stopping')
+    g.add_argument('--spectral', choices=['guaranteed', 'lanczos', 'power'], default='power',
+                   help='norms of the test-time bound: guaranteed = upper bounds with failure probability '
+                        '--failure_prob (docs/certificates.md); lanczos = Krylov estimate with per-sample '
+                        'stopping; power = the authors\' power iteration (--test_sniter rounds); the last two '
+                        'are estimates from below, without a guarantee')
     g.add_argument('--translation', choices=['iterative', 'exact'], default='iterative',
                    help='last-layer worst case at test time: iterative = the authors\' clip-and-rescale '
-                        '(--test_opt_iter rounds), exact = the closed form solved by bisection')
+                        '(--test_opt_iter rounds), exact = the exact optimum (sorted breakpoints)')
+    g.add_argument('--failure_prob', type=float, default=1e-9,
+                   help='with --spectral guaranteed: probability that a certificate rests on a norm that is '
+                        'not an upper bound (union over all its norms)')
     g = p.add_argument_group('optimiser')
     g.add_argument('--opt', choices=['adam', 'sgd'], default='adam')
     g.add_argument('--lr', type=float, default=lr)
@@ -325,8 +330,8 @@ def finish_args(parser, args, end_lr_default=None):
 
 # (low, high, low inclusive, high inclusive) of every real-valued flag; None = unbounded.
 FLOAT_RANGES = {
-    'epsilon': (0, None, True, False), 'epsilon_train': (0, None, True, False),
-    'starting_epsilon': (0, None, True, False), 'kappa': (0, 1, True, True),
+    'epsilon': (0, 1e4, True, True), 'epsilon_train': (0, 1e4, True, True),
+    'starting_epsilon': (0, 1e4, True, True), 'failure_prob': (0, 1, False, False), 'kappa': (0, 1, True, True),
     'starting_kappa': (0, 1, True, True), 'lr': (0, None, False, False), 'end_lr': (0, None, False, False),
     'momentum': (0, 1, True, False), 'weight_decay': (0, None, True, False), 'gamma': (0, None, False, False),
     'alpha': (0, None, False, False), 'init': (0, None, True, False), 'sparse': (0, None, True, False),

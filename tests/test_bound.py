@@ -9,6 +9,7 @@ small convolutions up to ~100x slower (spinning OpenMP workers), single-threaded
 """
 import copy
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,8 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
+import last_layer
 import local_bound as lb
+import spectral
 import utils
+from settings import AUTHORS, TRAINING
 from utils import ClampGroupSort, Flatten, ReLU_x
 
 DT = torch.float64
@@ -244,7 +248,7 @@ def scaled_tiny_8c(kind, seed=0):
 
 def code_pass(model, x, eps, sniter):
     """Run the code's rules layer by layer; returns [(lower, upper, mask)] after every layer and the state."""
-    options = lb.PassOptions(sniter=sniter)
+    options = lb.PassOptions(AUTHORS.replace(sniter=sniter))
     state = lb.BoundState(x, torch.full((x.size(0),), float(eps), dtype=x.dtype), x - eps, x + eps)
     trace = []
     for idx, layer in enumerate(list(model)[:-1]):
@@ -310,7 +314,7 @@ def test_masked_spectral_norm_conv_equals_svd(case):
     in_mask[0], out_mask[0] = 1.0, 1.0          # sample 0 unmasked
     u = torch.randn(batch, c_in, h, w, dtype=DT)
     with torch.no_grad():
-        sigma, u_final = lb.masked_spectral_norm(op, u, in_mask, out_mask, 2000, 1e-7)
+        sigma, u_final = spectral.masked_spectral_norm(op, u, in_mask, out_mask, 2000, 1e-7)
     assert sigma.shape == (batch,)
     for b in range(batch):
         expected = top_singular(masked_matrix(mat, in_mask[b], out_mask[b]))
@@ -320,7 +324,7 @@ def test_masked_spectral_norm_conv_equals_svd(case):
         assert float((u_final[b] * (1 - in_mask[b])).abs().max()) == 0.0
     # No masks: the plain spectral norm.
     with torch.no_grad():
-        plain, _ = lb.masked_spectral_norm(op, u, None, None, 2000, 1e-7)
+        plain, _ = spectral.masked_spectral_norm(op, u, None, None, 2000, 1e-7)
     assert float(plain[0]) == pytest.approx(top_singular(mat), rel=1e-3)
 
 
@@ -332,7 +336,7 @@ def test_masked_spectral_norm_linear_equals_svd():
     out_mask = (torch.rand(5, 15) < 0.5).to(DT)
     u = torch.randn(5, 20, dtype=DT)
     with torch.no_grad():
-        sigma, _ = lb.masked_spectral_norm(op, u, in_mask, out_mask, 2000, 1e-7)
+        sigma, _ = spectral.masked_spectral_norm(op, u, in_mask, out_mask, 2000, 1e-7)
     for b in range(5):
         expected = top_singular(masked_matrix(layer.weight.detach(), in_mask[b], out_mask[b]))
         assert float(sigma[b]) == pytest.approx(expected, rel=1e-3, abs=1e-12), f'sample {b}'
@@ -342,7 +346,7 @@ def test_masked_spectral_norm_linear_equals_svd():
 def test_masked_spectral_norm_all_masked_is_zero_not_nan():
     layer = nn.Linear(6, 5).to(DT)
     op = lb.LinearOperator(layer, (6,))
-    sigma, u = lb.masked_spectral_norm(op, torch.randn(2, 6, dtype=DT), torch.zeros(2, 6, dtype=DT),
+    sigma, u = spectral.masked_spectral_norm(op, torch.randn(2, 6, dtype=DT), torch.zeros(2, 6, dtype=DT),
                                        None, 10, 1e-6)
     assert torch.all(sigma == 0) and torch.isfinite(u).all()
 
@@ -362,7 +366,7 @@ def test_local_below_global_real_models(key):
     x = torch.rand(2, *utils.INPUT_SHAPES[data])
     tiny = data == 'tinyimagenet'
     glob = lb.global_lipschitz(model, sniter=50 if tiny else 300)
-    local = lb.local_lipschitz(model, x, 0.16 if tiny else 36 / 255, sniter=10 if tiny else 100)
+    local = lb.local_lipschitz(model, x, 0.16 if tiny else 36 / 255, AUTHORS.replace(sniter=10 if tiny else 100))
     assert local.shape == (2,)
     assert torch.all(local > 0)
     assert torch.all(local <= glob * (1 + 1e-4)), f'local {local.tolist()} > global {glob}'
@@ -374,7 +378,7 @@ def test_local_below_global_scaled_tiny_8c(kind):
     model = scaled_tiny_8c(kind)
     x = torch.rand(2, 3, 32, 32)
     glob = lb.global_lipschitz(model, sniter=150, input_shape=(3, 32, 32))
-    local = lb.local_lipschitz(model, x, 0.16, sniter=30)
+    local = lb.local_lipschitz(model, x, 0.16, AUTHORS.replace(sniter=30))
     assert torch.all(local > 0)
     assert torch.all(local <= glob * (1 + 1e-4)), f'local {local.tolist()} > global {glob}'
 
@@ -387,7 +391,7 @@ def test_local_below_global_briefly_trained(kind):
     y = torch.randint(0, 4, (32,))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(8):
-        loss = F.cross_entropy(lb.worst_case_logits(model, x, y, 0.3, sniter=1, opt_iter=1), y)
+        loss = F.cross_entropy(lb.worst_case_logits(model, x, y, 0.3, TRAINING), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -395,7 +399,7 @@ def test_local_below_global_briefly_trained(kind):
     model = copy.deepcopy(model).double()      # new layer objects: no float32 warm-start vectors
     ref = reference_pass(model, x[:4].double(), 0.3)
     exact_global = math.prod(ref[0]['global_sigma'].values())
-    local = lb.local_lipschitz(model, x[:4].double(), 0.3, sniter=2000)
+    local = lb.local_lipschitz(model, x[:4].double(), 0.3, AUTHORS.replace(sniter=2000))
     for b in range(4):
         assert float(local[b]) <= exact_global * (1 + 1e-4)
         assert float(local[b]) == pytest.approx(ref[b]['local_product'], rel=1e-3), f'sample {b}'
@@ -406,18 +410,18 @@ def test_huge_eps_local_equals_global(kind):
     """With eps huge every neuron varies, so the masked norms are the plain norms."""
     model = small_conv_net(kind, seed=6)
     x = torch.rand(3, 2, 7, 7, dtype=DT)
-    state = lb.propagate(model, x, 1e4, lb.PassOptions(sniter=3000))
+    state = lb.propagate(model, x, 1e4, AUTHORS.replace(sniter=3000))
     for rec in state.records:
         for mask in (rec.in_mask, rec.out_mask):
             assert mask is None or bool(torch.all(mask == 1)), f'layer {rec.index}: fixed neurons at eps=1e4'
-    local = lb.local_lipschitz(model, x, 1e4, sniter=3000)
+    local = lb.local_lipschitz(model, x, 1e4, AUTHORS.replace(sniter=3000))
     exact = math.prod(top_singular(explicit_matrix(layer, shape)) for layer, shape in affine_layers(model, (2, 7, 7)))
     for b in range(3):
         assert float(local[b]) == pytest.approx(exact, rel=1e-2)
     # global_lipschitz needs a float32 model (see test_global_lipschitz_accepts_float64_model).
     model32 = small_conv_net(kind, seed=6, dtype=torch.float32)
     glob = lb.global_lipschitz(model32, sniter=3000, input_shape=(2, 7, 7))
-    local32 = lb.local_lipschitz(model32, x.float(), 1e4, sniter=3000)
+    local32 = lb.local_lipschitz(model32, x.float(), 1e4, AUTHORS.replace(sniter=3000))
     assert glob == pytest.approx(exact, rel=1e-3)
     for b in range(3):
         assert float(local32[b]) == pytest.approx(glob, rel=1e-2)
@@ -437,7 +441,7 @@ def affine_layers(model, input_shape):
 def test_per_layer_global_norm_equals_svd():
     model = small_conv_net('relux', seed=7)
     x = torch.rand(2, 2, 7, 7, dtype=DT)
-    state = lb.propagate(model, x, 0.1, lb.PassOptions(sniter=3000))
+    state = lb.propagate(model, x, 0.1, AUTHORS.replace(sniter=3000))
     layers = affine_layers(model, (2, 7, 7))
     assert [rec.index for rec in state.records] == [i for i, l in enumerate(list(model)[:-1])
                                                      if isinstance(l, (nn.Conv2d, nn.Linear))]
@@ -465,10 +469,10 @@ def test_warm_start_vectors_follow_a_dtype_change():
     vector when shape and device matched, without checking its dtype."""
     model = small_conv_net('relux', seed=9, dtype=torch.float32)
     x, y = torch.rand(2, 2, 7, 7), torch.tensor([0, 1])
-    lb.worst_case_logits(model, x, y, 0.1, sniter=2, opt_iter=2)
+    lb.worst_case_logits(model, x, y, 0.1, TRAINING.replace(sniter=2, opt_iter=2))
     model.double()
     try:
-        out = lb.worst_case_logits(model, x.double(), y, 0.1, sniter=2, opt_iter=2)
+        out = lb.worst_case_logits(model, x.double(), y, 0.1, TRAINING.replace(sniter=2, opt_iter=2))
     except RuntimeError as err:
         pytest.fail(f'BUG local_bound.global_spectral_norm: stale float32 warm-start vector used with '
                     f'float64 weights ({err}); also compare u.dtype with the weight dtype')
@@ -508,7 +512,7 @@ def run_clip_and_rescale(problems, opt_iter, dtype=DT):
     radius = torch.tensor([p[3] for p in problems], dtype=dtype)
     active = torch.ones(len(problems), 1, 1, dtype=dtype)
     with torch.no_grad():
-        return lb.clip_and_rescale(w, lower, upper, radius, active, opt_iter)[:, 0].double().numpy()
+        return last_layer.clip_and_rescale(w, lower, upper, radius, active, opt_iter)[:, 0].double().numpy()
 
 
 @pytest.mark.parametrize('regime', ['free', 'corner', 'mixed', 'zeros'])
@@ -569,7 +573,7 @@ def test_clip_and_rescale_inactive_rows_give_zero():
     w[:, 1] = 0.0
     active = torch.ones(2, 3, 1, dtype=DT)
     active[:, 1] = 0.0
-    out = lb.clip_and_rescale(w, -torch.ones(2, 1, 5, dtype=DT) * 0.1, torch.ones(2, 1, 5, dtype=DT) * 0.1,
+    out = last_layer.clip_and_rescale(w, -torch.ones(2, 1, 5, dtype=DT) * 0.1, torch.ones(2, 1, 5, dtype=DT) * 0.1,
                               torch.tensor([1.0, 2.0], dtype=DT), active, 100)
     assert torch.isfinite(out).all()
     assert torch.all(out[:, 1] == 0)
@@ -591,15 +595,15 @@ def test_label_translation_is_a_column_of_pairwise(opt_iter):
     weight = torch.tensor(rng.standard_normal((classes, h)))
     state = random_state(rng, batch, h)
     radius = torch.tensor(rng.uniform(0.1, 1.5, batch))
-    table = lb.pairwise_translation(weight, state, radius, opt_iter)
+    table = last_layer.pairwise_translation(weight, state, radius, opt_iter)
     assert table.shape == (batch, classes, classes)
     assert torch.all(torch.diagonal(table, dim1=1, dim2=2) == 0)
     for label in range(classes):
         y = torch.full((batch,), label, dtype=torch.long)
-        column = lb.label_translation(weight, y, state, radius, opt_iter)
+        column = last_layer.label_translation(weight, y, state, radius, opt_iter)
         torch.testing.assert_close(column, table[:, :, label], rtol=1e-9, atol=1e-12)
     y = torch.tensor([0, 3, 1, 4])
-    column = lb.label_translation(weight, y, state, radius, opt_iter)
+    column = last_layer.label_translation(weight, y, state, radius, opt_iter)
     torch.testing.assert_close(column, table[torch.arange(batch), :, y], rtol=1e-9, atol=1e-12)
     if opt_iter == 1000:
         for b in range(batch):
@@ -627,8 +631,9 @@ def test_bound_outputs_pairwise_equals_label():
     lb.global_lipschitz(model, sniter=3000, input_shape=(2, 7, 7))
     s1, s2 = twin_stores(model, (2, 7, 7), 3)
     index = torch.arange(3)
-    a = lb.bound_outputs(model, x, y, 0.2, sniter=200, opt_iter=1000, layout='label', store=s1, index=index)
-    b = lb.bound_outputs(model, x, y, 0.2, sniter=200, opt_iter=1000, layout='pairwise', store=s2, index=index)
+    settings = AUTHORS.replace(sniter=200, opt_iter=1000)
+    a = lb.bound_outputs(model, x, y, 0.2, settings.replace(layout='label'), store=s1, index=index)
+    b = lb.bound_outputs(model, x, y, 0.2, settings.replace(layout='pairwise'), store=s2, index=index)
     torch.testing.assert_close(a.lipschitz, b.lipschitz, rtol=1e-6, atol=0)
     torch.testing.assert_close(a.worst, b.worst, rtol=1e-5, atol=1e-6)
 
@@ -661,7 +666,7 @@ def test_worst_case_logits_match_reference(kind):
     fixed = sum(float((1 - m).sum()) for ref in refs for m in ref['masks'].values())
     varying = sum(float(m.sum()) for ref in refs for m in ref['masks'].values())
     assert fixed > 0 and varying > 0, 'vacuous: choose eps so that masks are mixed'
-    out = lb.bound_outputs(model, x, y, eps, sniter=3000, opt_iter=1000)
+    out = lb.bound_outputs(model, x, y, eps, AUTHORS.replace(sniter=3000, opt_iter=1000))
     # The local power iteration stops once u moves < 1e-3 (SPEC), so its norms are ~1e-4 accurate.
     for b, ref in enumerate(refs):
         assert float(out.lipschitz[b].detach()) == pytest.approx(ref['local_product'], rel=1e-3)
@@ -673,7 +678,7 @@ def test_worst_case_logits_match_reference(kind):
 
 
 def propagate_records(model, x, eps, sniter=3000):
-    return lb.propagate(model, x, eps, lb.PassOptions(sniter=sniter)).records
+    return lb.propagate(model, x, eps, AUTHORS.replace(sniter=sniter)).records
 
 
 # ============================================================================ 4. masks by sampling
@@ -701,7 +706,7 @@ def record_masks(model, x, eps, sniter):
     """{activation index: 0/1 varying mask shaped like that activation's output}, read from
     ``propagate(...).records``: ReLU family -> out_mask of the affine layer before the activation;
     MaxMin -> in_mask of the next affine layer (the final state's mask for the last activation)."""
-    state = lb.propagate(model, x, eps, lb.PassOptions(sniter=sniter))
+    state = lb.propagate(model, x, eps, AUTHORS.replace(sniter=sniter))
     layers = list(model)[:-1]
     records = {rec.index: rec for rec in state.records}
     shapes = [tuple(t.shape) for t in layer_outputs(model, x)]
@@ -860,7 +865,7 @@ def test_worst_case_logits_bound_sampled_and_attacked_margins(kind):
     eps = 0.2
     with torch.no_grad():
         y = model(x).argmax(1)
-    worst = lb.worst_case_logits(model, x, y, eps, sniter=500, opt_iter=1000).detach()
+    worst = lb.worst_case_logits(model, x, y, eps, AUTHORS.replace(sniter=500, opt_iter=1000)).detach()
     bound = worst - worst.gather(1, y[:, None])                     # worst[j] - worst[y]
     gen = torch.Generator().manual_seed(32)
     samples = sample_ball(x, eps, 4000, gen)
@@ -925,7 +930,7 @@ def trained():
     opt = torch.optim.Adam(model.parameters(), lr=2e-2)
     for step in range(60):
         eps = min(0.4, 0.4 * step / 30)
-        loss = F.cross_entropy(lb.worst_case_logits(model, x, y, eps, sniter=1, opt_iter=1), y)
+        loss = F.cross_entropy(lb.worst_case_logits(model, x, y, eps, TRAINING), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -937,7 +942,7 @@ def trained():
 def test_pgd_never_breaks_a_certified_point(trained):
     model, x, y = trained
     eps = 0.6
-    cert = lb.certify(model, x, y, eps, sniter=500, opt_iter=1000)
+    cert = lb.certify(model, x, y, eps, AUTHORS.replace(sniter=500, opt_iter=1000))
     assert cert.dtype == torch.bool and cert.shape == y.shape
     assert int(cert.sum()) >= 1, 'vacuous: nothing certified'
     with torch.no_grad():
@@ -948,7 +953,7 @@ def test_pgd_never_breaks_a_certified_point(trained):
         broken = model(adv).argmax(1) != y
     assert not (broken & cert).any(), f'{int((broken & cert).sum())} certified points broken by PGD'
     # Soundness of the worst-case logits on the attacked points as well.
-    worst = lb.worst_case_logits(model, x, y, eps, sniter=500, opt_iter=1000).detach()
+    worst = lb.worst_case_logits(model, x, y, eps, AUTHORS.replace(sniter=500, opt_iter=1000)).detach()
     with torch.no_grad():
         z = model(adv)
     assert torch.all(z - z.gather(1, y[:, None]) <= worst - worst.gather(1, y[:, None]) + 1e-5)
@@ -969,9 +974,9 @@ def test_gloro_logits(eps):
     lb.global_lipschitz(model, sniter=3000, input_shape=(2, 7, 7))
     s1, s2 = twin_stores(model, (2, 7, 7), 8)
     index = torch.arange(8)
-    plain = lb.worst_case_logits(model, x, y, eps, sniter=200, opt_iter=1000, store=s1, index=index).detach()
-    gl = lb.worst_case_logits(model, x, y, eps, sniter=200, opt_iter=1000, gloro=True, store=s2,
-                              index=index).detach()
+    settings = AUTHORS.replace(sniter=200, opt_iter=1000)
+    plain = lb.worst_case_logits(model, x, y, eps, settings, store=s1, index=index).detach()
+    gl = lb.worst_case_logits(model, x, y, eps, settings.replace(gloro=True), store=s2, index=index).detach()
     assert gl.shape == (8, 5)
     torch.testing.assert_close(gl[:, :4], clean)
     others = plain.clone()
@@ -994,21 +999,21 @@ def test_global_bound_option(trained):
     exact = math.prod(top_singular(explicit_matrix(l, s)) for l, s in affine_layers(model, (1, 6, 6)))
     assert glob == pytest.approx(exact, rel=1e-4)
     with torch.no_grad():
-        out = lb.bound_outputs(model, x, y, eps, sniter=500, opt_iter=1000, bound='global')
-        local = lb.bound_outputs(model, x, y, eps, sniter=500, opt_iter=1000, bound='local')
+        out = lb.bound_outputs(model, x, y, eps, AUTHORS.replace(sniter=500, opt_iter=1000, bound='global'))
+        local = lb.bound_outputs(model, x, y, eps, AUTHORS.replace(sniter=500, opt_iter=1000, bound='local'))
     torch.testing.assert_close(out.lipschitz, torch.full_like(out.lipschitz, glob), rtol=1e-4, atol=0)
     assert torch.all(local.lipschitz <= out.lipschitz * (1 + 1e-4))
     # A larger radius can only raise the worst-case logits of the other classes.
     assert torch.all(out.worst >= local.worst - 1e-5)
     strict = 0
     for radius in (0.3, 0.5, 0.6, 0.7, 0.8):
-        cert_local = lb.certify(model, x, y, radius, sniter=500, opt_iter=1000, bound='local')
-        cert_global = lb.certify(model, x, y, radius, sniter=500, opt_iter=1000, bound='global')
+        cert_local = lb.certify(model, x, y, radius, AUTHORS.replace(sniter=500, opt_iter=1000, bound='local'))
+        cert_global = lb.certify(model, x, y, radius, AUTHORS.replace(sniter=500, opt_iter=1000, bound='global'))
         assert not (cert_global & ~cert_local).any(), f'eps {radius}: global certifies a point that local does not'
         strict += int(cert_local.sum()) > int(cert_global.sum())
     assert strict > 0, 'vacuous: local never certifies more than global'
     with pytest.raises(ValueError):
-        lb.bound_outputs(model, x, y, eps, sniter=1, opt_iter=1, bound='nope')
+        lb.bound_outputs(model, x, y, eps, AUTHORS.replace(sniter=1, opt_iter=1, bound='nope'))
 
 
 # ============================================================================ 8. per-example store
@@ -1069,7 +1074,7 @@ def test_store_warm_start_converges_to_top_singular_vectors():
     store = lb.SingularVectorStore(model, (2, 7, 7), 5, seed=0)
     before = {i: v.clone() for i, v in store.vectors.items()}
     lb.global_lipschitz(model, sniter=3000, input_shape=(2, 7, 7))   # converge the global vectors first
-    lb.worst_case_logits(model, x, y, eps, sniter=1, opt_iter=1, store=store, index=index)
+    lb.worst_case_logits(model, x, y, eps, TRAINING, store=store, index=index)
     recs = propagate_records(model, x, eps)
     mats = {rec.index: explicit_matrix(rec.op.layer, rec.op.in_shape).double() for rec in recs}
     for rec in recs:
@@ -1083,7 +1088,7 @@ def test_store_warm_start_converges_to_top_singular_vectors():
             torch.testing.assert_close(store.vectors[i][index[b]].double().reshape(-1), expected,
                                        rtol=1e-4, atol=1e-5, msg=f'layer {i}: one power step from the store')
     for _ in range(150):
-        lb.worst_case_logits(model, x, y, eps, sniter=1, opt_iter=1, store=store, index=index)
+        lb.worst_case_logits(model, x, y, eps, TRAINING, store=store, index=index)
     recs = propagate_records(model, x, eps)
     for rec in recs:
         for b in range(2):
@@ -1106,7 +1111,8 @@ def test_store_restricted_layers_use_global_norm_elsewhere():
     eps = 0.2
     store = lb.SingularVectorStore(model32, (2, 7, 7), 6, layers=[0, 5], seed=1)
     assert set(store.vectors) == {0, 5} and 2 not in store
-    out = lb.bound_outputs(model32, x, y, eps, sniter=3000, opt_iter=1000, store=store, index=torch.tensor([0, 4, 5]))
+    out = lb.bound_outputs(model32, x, y, eps, AUTHORS.replace(sniter=3000, opt_iter=1000), store=store,
+                           index=torch.tensor([0, 4, 5]))
     refs = reference_pass(model, x.double(), eps)
     for b, ref in enumerate(refs):
         expected = 1.0
@@ -1130,7 +1136,8 @@ def test_gradients_finite_for_every_parameter(kind, eps, gloro):
     x = torch.rand(6, 2, 7, 7)
     y = torch.randint(0, 4, (6,))
     store = lb.SingularVectorStore(model, (2, 7, 7), 6, seed=2)
-    out = lb.worst_case_logits(model, x, y, eps, sniter=2, opt_iter=2, store=store, index=torch.arange(6), gloro=gloro)
+    out = lb.worst_case_logits(model, x, y, eps, TRAINING.replace(sniter=2, opt_iter=2, gloro=gloro), store=store,
+                               index=torch.arange(6))
     assert torch.isfinite(out).all()
     loss = F.cross_entropy(out, y)
     model.zero_grad()
@@ -1172,7 +1179,7 @@ def test_masked_spectral_norm_gradient_matches_svd(layer_kind):
     in_mask = (torch.rand(1, *in_shape) < 0.7).to(DT)
     out_mask = (torch.rand(1, *op.out_shape) < 0.7).to(DT)
     expected = conv_or_linear_sigma_grad(layer, in_shape, in_mask[0], out_mask[0])
-    sigma, _ = lb.masked_spectral_norm(op, torch.randn(1, *in_shape, dtype=DT), in_mask, out_mask, 1500, 1e-12)
+    sigma, _ = spectral.masked_spectral_norm(op, torch.randn(1, *in_shape, dtype=DT), in_mask, out_mask, 1500, 1e-12)
     grad, = torch.autograd.grad(sigma.sum(), layer.weight)
     torch.testing.assert_close(grad, expected, rtol=0, atol=1e-4 * float(expected.norm()))
 
@@ -1184,9 +1191,9 @@ def _loss_with_fixed_starts(model, x, y, eps, gloro, global_start=None):
     torch.manual_seed(7)
     sniter = 20
     if global_start is not None:
-        lb.load_global_vectors(model, global_start)
+        spectral.load_global_vectors(model, global_start)
         sniter = 1
-    worst = lb.worst_case_logits(model, x, y, eps, sniter=sniter, opt_iter=1000, gloro=gloro)
+    worst = lb.worst_case_logits(model, x, y, eps, AUTHORS.replace(sniter=sniter, opt_iter=1000, gloro=gloro))
     return F.cross_entropy(worst, y)
 
 
@@ -1215,7 +1222,7 @@ def test_worst_case_loss_gradient_matches_finite_differences(net, mode):
                         for i, (l, s) in zip([i for i, l in enumerate(model) if isinstance(l, (nn.Conv2d, nn.Linear))],
                                              affine_layers(model, shape))}
     else:
-        lb.propagate(model, x, eps, lb.PassOptions(sniter=5000))          # converge the global vectors
+        lb.propagate(model, x, eps, AUTHORS.replace(sniter=5000))          # converge the global vectors
     params = [p for p in model.parameters()]
     loss = _loss_with_fixed_starts(model, x, y, eps, gloro, global_start)
     grads = torch.autograd.grad(loss, params)
@@ -1280,9 +1287,10 @@ def test_activation_rule_values_and_gradients_on_handmade_states(kind, shape):
     radius = torch.rand(batch, generator=gen, dtype=DT) * 0.6 + 0.05
     leaves = [t.clone().requires_grad_(True) for t in (centre - below, centre + above, centre, radius)]
     lower, upper, centre_, radius_ = leaves
-    record = lb.AffineRecord(0, None, torch.tensor(1.0, dtype=DT))
+    # the rules read only the recorded operator's output shape (to shape its out_mask)
+    record = lb.AffineRecord(0, SimpleNamespace(out_shape=shape), torch.tensor(1.0, dtype=DT))
     state = lb.BoundState(centre_, radius_, lower, upper, None, [record])
-    new = lb.rule_for(layer)(layer, 1, state, lb.PassOptions(sniter=1))
+    new = lb.rule_for(layer)(layer, 1, state, lb.PassOptions(TRAINING))
     ref = _reference_activation_box(layer, lower, upper, centre_, radius_)
     ball_binds = ((centre_ - radius_.view(-1, *([1] * len(shape)))) > lower).float().mean()
     assert 0.1 < float(ball_binds) < 0.9, 'test states should mix binding ball and binding box'

@@ -11,9 +11,10 @@ import local_bound
 import radius
 import trainer
 import utils
+from settings import AUTHORS
 
 SHAPE = (1, 12, 12)
-OPTIONS = dict(sniter=30, opt_iter=10)
+SETTINGS = AUTHORS.replace(sniter=30, opt_iter=10)
 TOL = 1e-3
 ANCHOR = 0.28
 
@@ -52,7 +53,7 @@ def searched(trained):
     model, x, y = trained
     store, index = starts(model), torch.arange(len(y))
     out = radius.certified_radii(model, x, y, eps_max=2.0, tol=TOL, anchors=(ANCHOR,), store=store,
-                                 index=index, **OPTIONS)
+                                 index=index, settings=SETTINGS)
     return out, store, index
 
 
@@ -66,10 +67,10 @@ def test_bisection_bracket_matches_certify(trained, searched):
     for i in checked.squeeze(1).tolist():
         r = float(out['radius'][i])
         x_i, y_i, at = x[i:i + 1], y[i:i + 1], index[i:i + 1]
-        assert local_bound.certify(model, x_i, y_i, 0.99 * r, store=store, index=at, **OPTIONS).item(), i
-        assert not local_bound.certify(model, x_i, y_i, 1.01 * r, store=store, index=at, **OPTIONS).item(), i
+        assert local_bound.certify(model, x_i, y_i, 0.99 * r, SETTINGS, store=store, index=at).item(), i
+        assert not local_bound.certify(model, x_i, y_i, 1.01 * r, SETTINGS, store=store, index=at).item(), i
     first = checked[0]
-    bound = local_bound.local_lipschitz(model, x[first], float(out['radius'][first]), sniter=30)
+    bound = local_bound.local_lipschitz(model, x[first], float(out['radius'][first]), SETTINGS)
     assert float(out['local_bound'][first]) == pytest.approx(float(bound), rel=1e-2)
 
 
@@ -77,7 +78,7 @@ def test_anchor_thresholds_agree_with_certify(trained, searched):
     model, x, y = trained
     out, store, index = searched
     assert out['non_monotone'] == 0
-    certified = local_bound.certify(model, x, y, ANCHOR, store=store, index=index, **OPTIONS)
+    certified = local_bound.certify(model, x, y, ANCHOR, SETTINGS, store=store, index=index)
     accuracy = radius.certified_accuracy_at(out['radius'], [ANCHOR, 0.0, 2.0])
     assert accuracy[ANCHOR] == pytest.approx(certified.double().mean().item())
     assert 0 < accuracy[ANCHOR] < 1                # the anchor splits the examples
@@ -87,11 +88,11 @@ def test_anchor_thresholds_agree_with_certify(trained, searched):
 def test_misclassified_get_radius_zero_and_capped_get_eps_max(trained):
     model, x, y = trained
     wrong = (model(x).argmax(1) + 1) % 10
-    out = radius.certified_radii(model, x[:4], wrong[:4], eps_max=1.0, grid=2, tol=1.0, **OPTIONS)
+    out = radius.certified_radii(model, x[:4], wrong[:4], eps_max=1.0, grid=2, tol=1.0, settings=SETTINGS)
     assert not out['correct'].any()
     assert (out['radius'] == 0).all() and (out['upper'] == 0).all()
     assert out['local_bound'].isfinite().all()
-    small = radius.certified_radii(model, x[:4], y[:4], eps_max=0.01, grid=1, **OPTIONS)
+    small = radius.certified_radii(model, x[:4], y[:4], eps_max=0.01, grid=1, settings=SETTINGS)
     assert small['capped'].all() and (small['radius'] == 0.01).all()
 
 
@@ -113,7 +114,7 @@ def test_dataset_radii_writes_the_csv(trained, tmp_path):
     model, x, y = trained
     loader = DataLoader(TensorDataset(x[:5], y[:5], torch.arange(5)), batch_size=3)
     rows, summary = radius.dataset_radii(model, loader, device='cpu', eps_max=1.0, eval_eps=0.1, grid=2,
-                                         tol=0.1, progress=False, **OPTIONS)
+                                         tol=0.1, progress=False, settings=SETTINGS)
     assert summary['examples'] == 5 and summary['steps'] == 3
     path = tmp_path / 'run_radius.csv'
     radius.write_radius_csv(path, rows)

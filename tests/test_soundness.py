@@ -12,6 +12,7 @@ from torch.utils.data import Dataset, TensorDataset
 import local_bound
 import trainer
 import utils
+from settings import AUTHORS
 
 
 def _mnist_batch(n=6, seed=0):
@@ -33,8 +34,8 @@ def test_a_model_with_non_finite_weights_certifies_nothing(value):
     x, y = _mnist_batch()
     with torch.no_grad():
         model[13].weight[3, 5] = value          # one bad entry of the last layer suffices
-    out = local_bound.bound_outputs(model, x, y, 0.1, sniter=3, opt_iter=3)
-    assert not local_bound.certify(model, x, y, 0.1, sniter=3, opt_iter=3).any()
+    out = local_bound.bound_outputs(model, x, y, 0.1, AUTHORS.replace(sniter=3, opt_iter=3))
+    assert not local_bound.certify(model, x, y, 0.1, AUTHORS.replace(sniter=3, opt_iter=3)).any()
     assert not local_bound.certified_predictions(out, y).any()
     if math.isnan(value):
         assert not local_bound.correct_predictions(out.logits, y).any()
@@ -48,7 +49,7 @@ def test_all_nan_weights_certify_nothing_even_for_label_zero():
     x, _ = _mnist_batch()
     y = torch.zeros(len(x), dtype=torch.long)
     assert model(x).argmax(1).eq(0).all()       # what fooled the old argmax rule
-    assert not local_bound.certify(model, x, y, 0.1, sniter=2, opt_iter=2).any()
+    assert not local_bound.certify(model, x, y, 0.1, AUTHORS.replace(sniter=2, opt_iter=2)).any()
     assert not local_bound.correct_predictions(model(x), y).any()
 
 
@@ -56,9 +57,9 @@ def test_a_nan_input_is_never_certified_nor_correct():
     model = _easy_model()
     x = torch.rand(8, 12)
     y = model(x).argmax(1).detach()
-    assert local_bound.certify(model, x, y, 1e-4, sniter=50, opt_iter=50).all()
+    assert local_bound.certify(model, x, y, 1e-4, AUTHORS.replace(sniter=50, opt_iter=50)).all()
     x[2, 7] = math.nan
-    cert = local_bound.certify(model, x, y, 1e-4, sniter=50, opt_iter=50)
+    cert = local_bound.certify(model, x, y, 1e-4, AUTHORS.replace(sniter=50, opt_iter=50))
     assert not cert[2] and cert[torch.arange(8) != 2].all()
     assert not local_bound.correct_predictions(model(x), y)[2]
 
@@ -71,7 +72,7 @@ def test_a_bad_eps_is_refused_in_one_line(eps):
     x = torch.rand(8, 12)
     y = model(x).argmax(1).detach()
     with pytest.raises(local_bound.BoundError, match='eps must be a finite number >= 0'):
-        local_bound.certify(model, x, y, eps, sniter=5, opt_iter=5)
+        local_bound.certify(model, x, y, eps, AUTHORS.replace(sniter=5, opt_iter=5))
 
 
 def test_a_clean_tie_is_neither_correct_nor_certified():
@@ -86,7 +87,7 @@ def test_a_clean_tie_is_neither_correct_nor_certified():
     logits = model(x)
     assert torch.equal(logits[:, 0], logits[:, 1]) and logits.argmax(1).eq(0).all()
     assert not local_bound.correct_predictions(logits, y).any()
-    assert not local_bound.certify(model, x, y, 0.0, sniter=5, opt_iter=5).any()
+    assert not local_bound.certify(model, x, y, 0.0, AUTHORS.replace(sniter=5, opt_iter=5)).any()
 
 
 def test_worst_case_ties_and_margins_inside_rounding_do_not_certify():
@@ -119,7 +120,7 @@ def test_a_model_ending_in_an_activation_is_refused_in_one_line():
     model = nn.Sequential(*utils.select_model('mnist', 'relux'), nn.ReLU())
     x, y = _mnist_batch(2)
     with pytest.raises(local_bound.BoundError, match='last module .* nn.Linear') as info:
-        local_bound.certify(model, x, y, 0.1, sniter=2, opt_iter=2)
+        local_bound.certify(model, x, y, 0.1, AUTHORS.replace(sniter=2, opt_iter=2))
     assert '\n' not in str(info.value)
 
 
@@ -133,7 +134,7 @@ def _parse(argv):
 @pytest.mark.parametrize('argv, message', [
     (['--epsilon_train', 'nan'], '--epsilon_train must be a finite number'),
     (['--epsilon', 'inf'], '--epsilon must be a finite number'),
-    (['--epsilon=-0.1'], '--epsilon must be >= 0'),
+    (['--epsilon=-0.1'], '--epsilon must be in [0, 10000.0]'),
     (['--lr', '0'], '--lr must be > 0'),
     (['--lr=-1e-3'], '--lr must be > 0'),
     (['--end_lr', 'nan'], '--end_lr must be a finite number'),
@@ -241,10 +242,10 @@ def test_one_eps_per_sample_equals_one_pass_per_sample():
     x = torch.rand(4, 12)
     y = model(x).argmax(1).detach()
     eps = torch.tensor([0.0, 0.05, 0.2, 1.0])
-    options = dict(sniter=500, opt_iter=1, method='precise', translation='exact')
-    together = local_bound.bound_outputs(model, x, y, eps, **options)
+    settings = AUTHORS.replace(sniter=500, opt_iter=1, method='precise', translation='exact')
+    together = local_bound.bound_outputs(model, x, y, eps, settings)
     for i in range(4):
-        alone = local_bound.bound_outputs(model, x[i:i + 1], y[i:i + 1], float(eps[i]), **options)
+        alone = local_bound.bound_outputs(model, x[i:i + 1], y[i:i + 1], float(eps[i]), settings)
         torch.testing.assert_close(together.worst[i], alone.worst[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(together.lipschitz[i], alone.lipschitz[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(local_bound.BoundError, match='one value per sample'):

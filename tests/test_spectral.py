@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import local_bound as lb
 import spectral
+from settings import AUTHORS, LANCZOS, TRAINING
 from utils import ReLU_x
 
 DT = torch.float64
@@ -158,7 +159,7 @@ def assert_lanczos_at_least_power(op, u, in_mask, out_mask, rounds=(1, 2, 3, 5, 
     for k in rounds:
         power = power_estimate(op, u, in_mask, out_mask, k)
         lanczos, _ = spectral.lanczos_masked_norm(op, u, in_mask, out_mask, k, tol=0.0)
-        slack = 1e-6 if u.dtype == torch.float32 else 1e-10   # rounding (EPS = 1e-12 in both)
+        slack = 1e-6 if u.dtype == torch.float32 else 1e-10   # rounding
         assert torch.all(lanczos >= power * (1 - slack)), (k, (lanczos - power).min())
 
 
@@ -176,7 +177,7 @@ def test_lanczos_never_below_power_random_layers():
 def test_lanczos_never_below_power_trained_layers(trained_mnist):
     """Every masked layer of the short-trained MNIST model, with the masks of a real bound pass."""
     model, x, _ = trained_mnist
-    state = lb.propagate(model, x[:16], 0.3, lb.PassOptions(sniter=100))
+    state = lb.propagate(model, x[:16], 0.3, AUTHORS.replace(sniter=100))
     for rec in state.records:
         u = torch.randn(16, *rec.op.in_shape)
         assert_lanczos_at_least_power(rec.op, u, rec.in_mask, rec.out_mask, rounds=(1, 2, 4, 8, 16, 32))
@@ -215,12 +216,12 @@ def test_precise_global_norm_from_a_warm_vector_equals_svd():
     for module, in_shape in ((layer, shape), (linear, (40,))):
         op = lb.make_operator(module, in_shape)
         spectral.global_spectral_norm(op, 5)
-        warm = spectral._global_vectors[module].clone()
+        warm = spectral.warm_vector(module).clone()
         want = torch.linalg.svdvals(explicit(module, in_shape).double())[0]
         for limit in (0, 2**22):         # Lanczos from the warm vector, then the explicit matrix
             torch.testing.assert_close(spectral.precise_global_norm(op, explicit_limit=limit)[0], want,
                                        rtol=1e-6, atol=0)
-        assert torch.equal(spectral._global_vectors[module], warm)
+        assert torch.equal(spectral.warm_vector(module), warm)
 
 
 # ----------------------------------------------------------------------------- on real digits
@@ -248,7 +249,7 @@ def trained_mnist():
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for step in range(150):
         batch = slice((step * 64) % 4800, (step * 64) % 4800 + 64)
-        worst = lb.worst_case_logits(model, x[batch], y[batch], 0.3, sniter=1, opt_iter=1)
+        worst = lb.worst_case_logits(model, x[batch], y[batch], 0.3, TRAINING)
         loss = 0.5 * F.cross_entropy(model(x[batch]), y[batch]) + 0.5 * F.cross_entropy(worst, y[batch])
         opt.zero_grad()
         loss.backward()
@@ -267,10 +268,9 @@ def test_certified_sets_equal_authors_procedure(trained_mnist):
     with torch.no_grad():
         lb.global_lipschitz(model, sniter=5000, input_shape=(1, 28, 28))   # both passes: converged global norms
         torch.manual_seed(1)
-        theirs = lb.bound_outputs(model, x, y, 0.3, sniter=2000, opt_iter=1000, layout='pairwise')
+        theirs = lb.bound_outputs(model, x, y, 0.3, AUTHORS.replace(sniter=2000, opt_iter=1000, layout='pairwise'))
         torch.manual_seed(1)
-        ours = lb.bound_outputs(model, x, y, 0.3, sniter=2000, opt_iter=1000, method='lanczos',
-                                translation='exact')
+        ours = lb.bound_outputs(model, x, y, 0.3, LANCZOS.replace(sniter=2000, opt_iter=1000))
     certified = lb.certified_predictions(theirs, y)
     assert 10 <= int(certified.sum()) < len(y), 'the model should certify some digits, not all'
     assert torch.equal(lb.certified_predictions(ours, y), certified)

@@ -98,13 +98,13 @@ def test_store_holds_the_indices_layers_in_fp16_and_its_share_only():
 
 def test_sparsity_enters_the_robust_loss():
     args = train_tiny_multi.parse(['--sparse', '0.01', '--device', 'cpu'])
-    assert trainer.bound_options(args, training=True)['sp_thres'] == 0.1
+    assert trainer.bound_settings(args, training=True).sp_thres == 0.1
     ce, robust, sparsity = torch.tensor(1.0), torch.tensor(3.0), torch.tensor(20.0)
     assert trainer.robust_objective(ce, robust, sparsity, 0.25, args) == pytest.approx(0.25 + 0.75 * 3.2)
     args.gloro = True
     assert trainer.robust_objective(ce, robust, sparsity, 0.25, args) == 3.0
     args = train_tiny_multi.parse(['--sparse', '0', '--device', 'cpu'])
-    assert trainer.bound_options(args, training=True)['sp_thres'] is None
+    assert trainer.bound_settings(args, training=True).sp_thres is None
 
 
 def test_two_ranks_train_and_evaluate_tiny(tmp_path):

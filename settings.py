@@ -1,0 +1,100 @@
+"""How a bound pass computes its norms and worst-case logits: one frozen, validated settings object.
+
+``BoundSettings`` carries every option of the bound pass (``local_bound.bound_outputs``); the
+named presets are the ones the scripts use:
+
+* ``CERTIFIED`` (the default of every reported certificate): guaranteed norms. Every norm that a
+  certificate multiplies or sizes a box with is an upper bound, exact or probabilistic, and the
+  certificate fails with probability at most ``failure_prob`` (docs/certificates.md).
+* ``LANCZOS``: Lanczos with per-sample stopping and the exact last layer. An estimate: fast and
+  usually converged, but no bound on how often it under-estimates a norm.
+* ``AUTHORS``: the authors' evaluation (2000 power iterations, 1000 rounds of clip-and-rescale).
+  An estimate, kept for fidelity comparisons.
+* ``TRAINING``: the authors' training pass (warm power iteration, clip-and-rescale); its sniter
+  and opt_iter come from the flags.
+"""
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+METHODS = ('guaranteed', 'lanczos', 'power', 'precise')
+TRANSLATIONS = ('iterative', 'exact')
+LAYOUTS = ('label', 'pairwise')
+BOUNDS = ('local', 'global')
+POWER_GRADS = ('unrolled', 'final')
+
+
+@dataclass(frozen=True)
+class BoundSettings:
+    """Options of one bound pass (validated on construction).
+
+    method: per-sample masked norms: 'guaranteed' (upper bounds, see ``guaranteed.py``), 'lanczos'
+        or 'power' (estimates from below), 'precise' (float64, converged: audits).
+    sniter: most operator applications per norm (power rounds or Lanczos steps).
+    tol: the estimate methods' stopping tolerance (None: their default).
+    translation / opt_iter / layout: the last-layer solver (``last_layer.py``).
+    bound: 'local' (masked norms) or 'global' (plain norms).
+    gloro: GloRo's extra bottom logit. sp_thres: TinyImageNet's sparsity term (None: skip).
+    power_grad: how gradients pass the training power iterations ('unrolled' or 'final').
+    failure_prob: with 'guaranteed', the probability that a certificate rests on a norm that is
+        not an upper bound (a union over every norm and check it uses).
+    seed: seeds the fresh start vectors of the guaranteed norms (decisions are reproducible;
+        pass a secret seed to guard against a model built to defeat a known one).
+    global_steps: Lanczos steps of a guaranteed global norm too large to form explicitly.
+    exact_below: with 'guaranteed', a layer whose matrix has at most this many entries gets the
+        exact SVD of its explicit masked matrix (float64) instead of a probabilistic bound.
+    """
+    method: str = 'guaranteed'
+    sniter: int = 2000
+    tol: Optional[float] = None
+    translation: str = 'exact'
+    opt_iter: int = 1000
+    layout: str = 'label'
+    bound: str = 'local'
+    gloro: bool = False
+    sp_thres: Optional[float] = None
+    power_grad: str = 'unrolled'
+    failure_prob: float = 1e-9
+    seed: int = 0
+    global_steps: int = 512
+    exact_below: int = 4096
+
+    def __post_init__(self):
+        for name, allowed in (('method', METHODS), ('translation', TRANSLATIONS), ('layout', LAYOUTS),
+                              ('bound', BOUNDS), ('power_grad', POWER_GRADS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f'{name} must be one of {allowed}, not {getattr(self, name)!r}')
+        for name in ('sniter', 'opt_iter', 'global_steps'):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f'{name} must be at least 1, not {getattr(self, name)}')
+        if not (0 < self.failure_prob < 1) or not math.isfinite(self.failure_prob):
+            raise ValueError(f'failure_prob must lie in (0, 1), not {self.failure_prob}')
+        if self.power_grad == 'final' and self.method != 'power':
+            raise ValueError("power_grad='final' applies to power iteration only (method='power')")
+        if self.tol is not None and not (self.tol > 0):
+            raise ValueError(f'tol must be positive, not {self.tol}')
+
+    @property
+    def guaranteed(self):
+        """True when the certificates of these settings rest on upper bounds."""
+        return self.method == 'guaranteed'
+
+    def replace(self, **changes):
+        """A copy with ``changes`` (validated again)."""
+        return replace(self, **changes)
+
+    def describe(self):
+        """One line for the logs: what a certificate of these settings promises."""
+        if self.guaranteed:
+            return (f'guaranteed norms (upper bounds; a certificate fails with probability at most '
+                    f'{self.failure_prob:g}), {self.translation} last layer, at most {self.sniter} Lanczos '
+                    'steps per norm')
+        return (f'estimate ({self.method}, {self.sniter} iterations, {self.translation} last layer): '
+                'norms approach from below, no guarantee')
+
+
+CERTIFIED = BoundSettings()
+LANCZOS = BoundSettings(method='lanczos')
+AUTHORS = BoundSettings(method='power', translation='iterative')
+TRAINING = BoundSettings(method='power', sniter=1, translation='iterative', opt_iter=1)
+PRESETS = {'guaranteed': CERTIFIED, 'lanczos': LANCZOS, 'authors': AUTHORS}
