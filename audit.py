@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 import attacks
+import evaluation
 import local_bound
-import trainer
+import ranks
 import utils
 from spectral import precise_global_norm
 
@@ -66,7 +67,7 @@ def global_underestimate(pass_norms, converged):
 @torch.no_grad()
 def convergence_audit(model, loader, args, runtime, eps, reported, rtol=1e-6):
     """Re-check exactly the certificates a reported pass produced (``reported``: its
-    ``trainer.TestStats``, whose ``certified_index`` holds the dataset indices it certified) with
+    ``evaluation.TestStats``, whose ``certified_index`` holds the dataset indices it certified) with
     converged float64 norms; returns a ConvergenceReport.
 
     The masks are re-derived from converged float64 global norms, at eps widened by the amount the
@@ -77,7 +78,7 @@ def convergence_audit(model, loader, args, runtime, eps, reported, rtol=1e-6):
     wanted = set(torch.as_tensor(reported.certified_index).tolist())
     if not wanted:
         return report
-    settings = trainer.bound_settings(args, training=False)
+    settings = evaluation.bound_settings(args, training=False)
     converged, widened = None, None
     for x, y, index in loader:
         keep = torch.tensor([int(i) in wanted for i in torch.as_tensor(index)], dtype=torch.bool)
@@ -140,7 +141,7 @@ def smallest_margins(model, x, y, eps, *, steps, restarts, targeted, samples):
 def attack_audit(model, loader, args, runtime, eps, starts=None, logger=None):
     """Attack every certified example at ``eps``; returns an AttackReport."""
     report = AttackReport()
-    for x, y, index, out in trainer.certified_batches(model, loader, args, runtime, eps, starts):
+    for x, y, index, out in evaluation.certified_batches(model, loader, args, runtime, eps, starts):
         certified = local_bound.certified_predictions(out, y)
         if not certified.any():
             continue
@@ -163,35 +164,35 @@ def audit_flags(parser):
     g.add_argument('--targeted', action=argparse.BooleanOptionalAction, default=True,
                    help='also run a targeted PGD towards every other class (multi-targeted)')
     g.add_argument('--samples', type=int, default=100, help='random points of the ball per example')
-    parser.set_defaults(restarts=10, niter=100, **trainer.EVALUATION_DEFAULTS)
+    parser.set_defaults(restarts=10, niter=100, **evaluation.EVALUATION_DEFAULTS)
 
 
 def parse_args(argv=None):
-    args = utils.argparser(argv=argv, extra=audit_flags, data='mnist', model='relux', epsilon=1.58)
+    args = utils.argparser(argv=argv, extra=audit_flags, training=False, data='mnist', model='relux', epsilon=1.58)
     if args.samples < 0:
-        sys.exit('error: --samples must be >= 0')
+        utils.exit_user_error('--samples must be >= 0')
     return args
 
 
 def main(argv=None):
     """Attack audit of ``--saved_model``; exit status 1 when a certified example is broken."""
     args = parse_args(argv)
-    runtime = trainer.init_runtime(args.device)
+    runtime = ranks.init_runtime(args.device)
     logger = utils.get_logger()
     try:
-        model, loader, starts = trainer.load_for_evaluation(args, runtime, logger)
+        model, loader, starts = evaluation.load_for_evaluation(args, runtime, logger)
         logger.info(f'attacks at eps {args.epsilon:.4f}: PGD {args.niter} steps x {args.restarts} restarts'
                     + (f', targeted PGD {args.niter} steps towards every class' if args.targeted else '')
                     + f', {args.samples} random points')
         report = attack_audit(model, loader, args, runtime, args.epsilon, starts, logger)
-    except trainer.USER_ERRORS as error:
-        sys.exit(f'error: {error}')
+    except evaluation.USER_ERRORS as error:
+        utils.exit_user_error(error)
     finally:
-        trainer.close_runtime(runtime)
+        ranks.close_runtime(runtime)
     logger.info(report.line())
     if report.broken:
         logger.info(f'broken examples (test indices): {report.broken_indices[:20]}')
-        sys.exit(1)
+        sys.exit(utils.EXIT_AUDIT_FAILED)
     return report
 
 

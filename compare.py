@@ -17,15 +17,15 @@ Writes OUT.md and OUT.csv and prints the Markdown table.
 import argparse
 import csv
 import math
-import sys
 
 import torch
 
 import attacks
+import checkpoints
 import data_load
 import empirical
+import loaders
 import local_bound
-import trainer
 import utils
 from lolip.archs import build_model
 from lolip.grammar import GrammarError, parse_model
@@ -49,13 +49,13 @@ def load_locallip(spec, data, device):
     name, _, path = spec.partition(':')
     if not path:
         raise CompareError(f'--locallip wants NAME:PATH (e.g. relux:pretrained/x_best.pth), not {spec!r}')
-    model, _ = trainer.load_model(path, data, name, device=device)
+    model, _ = checkpoints.load_model(path, data, name, device=device)
     return f'{name} ({path})', model.eval()
 
 
 def load_lolip(path, data, device):
     """(label, model, arch) from a lolip checkpoint (it names its --model and --dataset)."""
-    state = trainer.load_state(path)
+    state = checkpoints.load_state(path)
     if state.get('dataset') != data:
         raise CompareError(f'{path} is a lolip {state.get("dataset")!r} checkpoint, not {data!r}')
     try:
@@ -64,7 +64,7 @@ def load_lolip(path, data, device):
         raise CompareError(f'{path} is not a lolip checkpoint ({error})') from error
     shape = data_load.input_shape(data)
     model = build_model(spec.arch, data_load.num_classes(data), shape[0]).to(device)
-    trainer.load_weights(model, state['state_dict'], path, state['model'])
+    checkpoints.load_weights(model, state['state_dict'], path, state['model'])
     return f"{state['model']} ({path})", model.eval(), spec.arch
 
 
@@ -72,7 +72,7 @@ def test_batches(data, data_dir, limit, batch_size):
     """The first ``limit`` test images of ``data`` in [0, 1] (no normalisation), in order."""
     _, test_set = data_load.build_datasets(data, data_dir, augmentation=False, normalization=False,
                                            download=False)
-    subset = trainer.limited(test_set, limit)
+    subset = loaders.limited(test_set, limit)
     return list(torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False))
 
 
@@ -186,8 +186,8 @@ def main(argv=None):
             label, model, arch = load_lolip(path, args.data, args.device)
             rows.append({'model': label, 'family': 'lolip (empirical)', 'note': NO_CERTIFICATE[arch[:3]],
                          **evaluate(model, batches, args.eps, args, certifiable=False)})
-    except (CompareError, trainer.CheckpointError, data_load.DataNotFoundError) as error:
-        sys.exit(f'error: {error}')
+    except (CompareError, checkpoints.CheckpointError, data_load.DataNotFoundError) as error:
+        utils.exit_user_error(error)
     text = write_outputs(rows, args, sum(len(y) for _, y in batches))
     print(text + f'written: {args.out}.md, {args.out}.csv')
     return rows

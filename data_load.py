@@ -1,16 +1,19 @@
-"""Datasets and loaders for MNIST, CIFAR-10 and TinyImageNet.
+"""Data sets and loaders: MNIST, CIFAR-10, TinyImageNet (and lolip's SVHN and Restricted ImageNet).
 
-Two paths lead to batches of ``(x, y, index)``:
+Every data set is declared once, by a ``DatasetSpec`` in ``DATASETS`` (``register_dataset``):
+shape, classes, builder, normalisation, whether it can live on the device, the paper's radii and
+the empirical-Lipschitzness box. Two paths lead to batches of ``(x, y, index)``:
 
-* ``data_loaders`` / ``make_loaders``: torchvision datasets behind ``DataLoader``s;
-* ``fast_loaders`` / ``DeviceTensorLoader``: the whole image set as one uint8 tensor on a
-  device, batched and augmented there (MNIST and CIFAR-10 only).
+* ``make_loaders``: torchvision datasets (or any dataset object) behind ``DataLoader``s;
+* ``DeviceTensorLoader``: the whole image set as one uint8 tensor on a device, batched and
+  augmented there (the data sets whose spec says ``device_loader``).
 
 ``index`` is each example's position in its dataset, used to address per-example stores.
 """
 
 import math
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,12 +21,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-INPUT_SHAPES = {'mnist': (1, 28, 28), 'cifar10': (3, 32, 32), 'tinyimagenet': (3, 64, 64)}
-NUM_CLASSES = {'mnist': 10, 'cifar10': 10, 'tinyimagenet': 200}
-NORMALIZATION = {
-    'cifar10': ((0.485, 0.456, 0.406), (0.225, 0.225, 0.225)),
-    'tinyimagenet': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-}
 CROP_PADDING = 4
 TINY_FOLDER = 'tiny-imagenet-200'
 
@@ -50,28 +47,59 @@ class DataNotFoundError(RuntimeError):
     """A dataset's files are missing or unreadable; the message says where to put them."""
 
 
-def _checked_name(data):
-    """Returns ``data`` if it names a supported dataset, else raises ValueError."""
-    if data not in INPUT_SHAPES:
-        raise ValueError(f"unknown dataset {data!r}; expected one of {', '.join(INPUT_SHAPES)}")
-    return data
+# ----------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything the project needs to know about one data set (README, Extending).
+
+    build(data_dir, augmentation, normalization, download) -> (train set, test set), torchvision-style
+    datasets of (image tensor in [0, 1], label); ``normalization``: (mean, std) applied with
+    ``--normalization`` (None: never normalised); ``device_loader``: the sets expose uint8 ``.data`` and
+    ``.targets`` (torchvision MNIST/CIFAR-10) and can be held on the device; ``device_augmentation``:
+    random crop + flip there when augmenting; ``paper_radii``: the L2 radii certified accuracy is
+    reported at; ``lip_eps``: the L-infinity box of the empirical local Lipschitzness.
+    """
+    name: str
+    shape: tuple
+    classes: int
+    build: object
+    normalization: tuple = None
+    device_loader: bool = False
+    device_augmentation: bool = False
+    paper_radii: tuple = ()
+    lip_eps: float = 0.031
+
+
+DATASETS = {}
+
+
+def register_dataset(spec):
+    """Declare a data set: the one call a new data set needs."""
+    DATASETS[spec.name] = spec
+    return spec
+
+
+def dataset(name):
+    """The ``DatasetSpec`` of ``name``; ValueError naming the known ones otherwise."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    return DATASETS[name]
 
 
 def input_shape(data):
     """(C, H, W) of one input image of ``data``."""
-    return INPUT_SHAPES[_checked_name(data)]
+    return dataset(data).shape
 
 
 def num_classes(data):
     """Number of classes of ``data``."""
-    return NUM_CLASSES[_checked_name(data)]
+    return dataset(data).classes
 
 
 def normalization_stats(data, normalization):
-    """(mean, std) to normalise ``data`` with, or None (MNIST is never normalised)."""
-    if not normalization or _checked_name(data) == 'mnist':
-        return None
-    return NORMALIZATION[data]
+    """(mean, std) to normalise ``data`` with, or None (off, or a data set never normalised)."""
+    return dataset(data).normalization if normalization else None
 
 
 def _compose(data, augment_steps, normalization):
@@ -155,15 +183,21 @@ def _tinyimagenet_pair(data_dir, transform_pair):
 def build_datasets(data, data_dir='data/', *, augmentation=True, normalization=False,
                    download=True):
     """(train_set, test_set) of ``data`` with their transforms, not yet indexed."""
-    data = _checked_name(data)
-    if data == 'mnist':
-        plain = transforms.ToTensor()
-        return _torchvision_pair(datasets.MNIST, 'MNIST', 'MNIST/raw/ (the four IDX files)',
-                                 data_dir, download, (plain, plain))
-    if data == 'cifar10':
-        return _torchvision_pair(datasets.CIFAR10, 'CIFAR-10', 'cifar-10-batches-py/',
-                                 data_dir, download,
-                                 _cifar_transforms(augmentation, normalization))
+    return dataset(data).build(data_dir, augmentation, normalization, download)
+
+
+def _mnist(data_dir, augmentation, normalization, download):
+    plain = transforms.ToTensor()
+    return _torchvision_pair(datasets.MNIST, 'MNIST', 'MNIST/raw/ (the four IDX files)', data_dir, download,
+                             (plain, plain))
+
+
+def _cifar10(data_dir, augmentation, normalization, download):
+    return _torchvision_pair(datasets.CIFAR10, 'CIFAR-10', 'cifar-10-batches-py/', data_dir, download,
+                             _cifar_transforms(augmentation, normalization))
+
+
+def _tinyimagenet(data_dir, augmentation, normalization, download):
     return _tinyimagenet_pair(data_dir, _tiny_transforms(augmentation, normalization))
 
 
@@ -179,15 +213,6 @@ def make_loaders(train_set, test_set, batch_size, test_batch_size, *, shuffle=Tr
     test_loader = DataLoader(IndexedDataset(test_set), batch_size=test_batch_size,
                              sampler=test_sampler, **common)
     return train_loader, test_loader
-
-
-def data_loaders(data, data_dir, batch_size, test_batch_size, *, augmentation, normalization,
-                 shuffle=True, drop_last=False, num_workers=2, download=True):
-    """build_datasets followed by make_loaders."""
-    train_set, test_set = build_datasets(data, data_dir, augmentation=augmentation,
-                                         normalization=normalization, download=download)
-    return make_loaders(train_set, test_set, batch_size, test_batch_size, shuffle=shuffle,
-                        drop_last=drop_last, num_workers=num_workers)
 
 
 def random_crop_flip(images, padding, generator):
@@ -303,24 +328,8 @@ class DeviceTensorLoader:
         return x, self.dataset.labels[index], index
 
 
-def fast_loaders(data, data_dir, batch_size, test_batch_size, *, device, augmentation,
-                 normalization, shuffle, drop_last, seed, download=True):
-    """(train, test) DeviceTensorLoaders for MNIST or CIFAR-10 (issue #4 fast path)."""
-    if _checked_name(data) == 'tinyimagenet':
-        raise ValueError('TinyImageNet is read from image folders; use data_loaders for it')
-    train_set, test_set = build_datasets(data, data_dir, augmentation=False,
-                                         normalization=False, download=download)
-    stats = normalization_stats(data, normalization)
-    train_loader = DeviceTensorLoader.from_dataset(
-        train_set, batch_size, device=device, shuffle=shuffle, drop_last=drop_last,
-        augment=augmentation and data == 'cifar10', normalization=stats, seed=seed)
-    test_loader = DeviceTensorLoader.from_dataset(test_set, test_batch_size, device=device,
-                                                  normalization=stats)
-    return train_loader, test_loader
-
-
 # ----------------------------------------------------------------------------- lolip's data sets
-# SVHN and Restricted ImageNet (used by lolip/, SPEC_lolip section 5); images in [0, 1], no
+# SVHN and Restricted ImageNet (used by lolip/, docs/method_lolip.md §5); images in [0, 1], no
 # normalisation, batches through make_loaders.
 
 RESTRICTED_IMAGENET_FOLDER = 'restricted_imagenet'
@@ -362,3 +371,19 @@ def restricted_imagenet_datasets(data_dir, augmentation=True):
     except OSError as error:
         raise DataNotFoundError(f'Restricted ImageNet under {root} is unreadable ({error}); '
                                 f'run python -m lolip.prepare_restricted_imagenet again') from error
+
+
+# ----------------------------------------------------------------------------- the data sets
+
+PAPER_RADII_CIFAR = (36 / 255, 72 / 255, 108 / 255)
+register_dataset(DatasetSpec('mnist', (1, 28, 28), 10, _mnist, device_loader=True, paper_radii=(1.58,),
+                             lip_eps=0.1))
+register_dataset(DatasetSpec('cifar10', (3, 32, 32), 10, _cifar10,
+                             normalization=((0.485, 0.456, 0.406), (0.225, 0.225, 0.225)),
+                             device_loader=True, device_augmentation=True, paper_radii=PAPER_RADII_CIFAR))
+register_dataset(DatasetSpec('tinyimagenet', (3, 64, 64), 200, _tinyimagenet,
+                             normalization=((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), paper_radii=PAPER_RADII_CIFAR))
+register_dataset(DatasetSpec('svhn', (3, 32, 32), 10, lambda data_dir, augmentation, normalization, download:
+                             svhn_datasets(data_dir, download=download)))
+register_dataset(DatasetSpec('resImgnet112v3', (3, 64, 64), 9, lambda data_dir, augmentation, normalization, download:
+                             restricted_imagenet_datasets(data_dir, augmentation=augmentation)))

@@ -1,4 +1,4 @@
-"""Empirical local Lipschitzness (Yang et al. 2020; ``../shared/SPEC_lolip.md`` section 4).
+"""Empirical local Lipschitzness (Yang et al. 2020; docs/method_lolip.md §4).
 
 For one input x the measure is the ratio ``||f(x) - f(x')||_1 / ||x - x'||_p`` (f = the logits,
 model in eval mode) at the end of a short search for the worst x' in the L-infinity eps-box

@@ -6,21 +6,24 @@
 import sys
 
 import audit
+import data_load
 import empirical
+import evaluation
 import radius
-import trainer
+import ranks
 import utils
 
 
 def extra_flags(parser):
-    """evaluate.py's flags; certificates default to ``trainer.EVALUATION_DEFAULTS`` (guaranteed
+    """evaluate.py's flags; certificates default to ``evaluation.EVALUATION_DEFAULTS`` (guaranteed
     norms, 2000 steps at most, the exact last layer); ``--spectral power --translation iterative``
     is the authors' procedure, ``--spectral lanczos`` a fast estimate."""
-    parser.set_defaults(**trainer.EVALUATION_DEFAULTS)
+    parser.set_defaults(**evaluation.EVALUATION_DEFAULTS)
     parser.add_argument('--no_pgd', action='store_true', help='skip the PGD attack')
     parser.add_argument('--audit', action='store_true',
-                        help='re-certify the certified examples with converged float64 norms (1e-6) and '
-                             'the exact last-layer solver; prints how many certificates do not hold')
+                        help='re-check exactly the certificates this evaluation reported, with converged float64 '
+                             'norms (1e-6) re-deriving the masks and the exact last-layer solver; prints how many '
+                             'do not hold')
     parser.add_argument('--strict', action='store_true', help='with --audit: exit 1 when one does not hold')
     g = parser.add_argument_group('certified radius and empirical Lipschitzness')
     g.add_argument('--radius', action='store_true',
@@ -41,38 +44,39 @@ def parse_args(argv=None, extra=None, **defaults):
         extra_flags(parser)
         if extra is not None:
             extra(parser)
-    return utils.argparser(argv=argv, extra=flags, **{'data': 'cifar10', 'model': 'c6f2_relux', **defaults})
+    return utils.argparser(argv=argv, extra=flags, training=False,
+                           **{'data': 'cifar10', 'model': 'c6f2_relux', **defaults})
 
 
 def main(argv=None, parse=parse_args):
     """Evaluate ``--saved_model`` with the flags ``parse(argv)`` returns (one process or torchrun)."""
     args = parse(argv)
-    runtime = trainer.init_runtime(args.device)
+    runtime = ranks.init_runtime(args.device)
     logger = utils.get_logger(quiet=not runtime.is_main)
     try:
-        model, loader, starts = trainer.load_for_evaluation(args, runtime, logger)
+        model, loader, starts = evaluation.load_for_evaluation(args, runtime, logger)
         if args.no_pgd:
-            stats = trainer.evaluate_certified(model, loader, args, runtime, args.epsilon, starts)
+            stats = evaluation.evaluate_certified(model, loader, args, runtime, args.epsilon, starts)
             logger.info(f'{stats.examples} test examples at eps {args.epsilon:.4f}: clean error '
                         f'{stats.clean_err:.4f} | certified error {stats.certified_err:.4f} '
                         f'(acc {1 - stats.certified_err:.4f})')
-            logger.info('certificates: ' + trainer.bound_settings(args, training=False).describe())
+            logger.info('certificates: ' + evaluation.bound_settings(args, training=False).describe())
             result = {'clean_err': stats.clean_err, 'certified_err': stats.certified_err,
                       'examples': stats.examples, 'stats': stats}
         else:
-            result = trainer.evaluate_all(model, loader, args, runtime, logger, store=starts)
+            result = evaluation.evaluate_all(model, loader, args, runtime, logger, store=starts)
         if args.audit:
             result['audit'] = run_convergence_audit(model, loader, args, runtime, logger, result['stats'])
         if args.radius:
             result['radius'] = run_radius(model, loader, args, runtime, logger, starts)
         if args.empirical_lip:
             result['empirical_lip'] = run_empirical_lip(model, loader, args, runtime, logger)
-    except trainer.USER_ERRORS as error:
-        sys.exit(f'error: {error}')
+    except evaluation.USER_ERRORS as error:
+        utils.exit_user_error(error)
     finally:
-        trainer.close_runtime(runtime)
+        ranks.close_runtime(runtime)
     if args.audit and args.strict and result['audit'].flipped:
-        sys.exit(1)
+        sys.exit(utils.EXIT_AUDIT_FAILED)
     return result
 
 
@@ -80,7 +84,7 @@ def run_convergence_audit(model, loader, args, runtime, logger, stats):
     """``audit.convergence_audit`` of the certificates the evaluation reported (``stats``) at
     ``--epsilon``, printed; returns its report."""
     if runtime.distributed:
-        raise trainer.UsageError('--audit runs in one process (drop torchrun)')
+        raise utils.UsageError('--audit runs in one process (drop torchrun)')
     report = audit.convergence_audit(model, loader, args, runtime, args.epsilon, stats)
     for line in report.lines():
         logger.info(line)
@@ -99,12 +103,12 @@ def run_radius(model, loader, args, runtime, logger, starts=None):
     """Certified radius of every test example (``radius.dataset_radii``) with the test-time settings;
     writes the CSV and prints certified accuracy at the paper's radii. Returns the summary."""
     if runtime.distributed:
-        raise trainer.UsageError('--radius runs in one process (drop torchrun)')
+        raise utils.UsageError('--radius runs in one process (drop torchrun)')
     eps_max = args.radius_max if args.radius_max is not None else 3 * args.epsilon
-    thresholds = radius.PAPER_RADII[args.data]
+    thresholds = data_load.dataset(args.data).paper_radii
     rows, summary = radius.dataset_radii(
         model, loader, device=runtime.device, eps_max=eps_max, eval_eps=args.epsilon, anchors=thresholds,
-        tol=args.radius_tol, settings=trainer.bound_settings(args, training=False), progress=runtime.is_main,
+        tol=args.radius_tol, settings=evaluation.bound_settings(args, training=False), progress=runtime.is_main,
         store=starts)
     path = output_prefix(args.saved_model) + '_radius.csv'
     radius.write_radius_csv(path, rows)
@@ -116,15 +120,12 @@ def run_radius(model, loader, args, runtime, logger, starts=None):
     return {**summary, 'accuracy': accuracy, 'path': path}
 
 
-LIP_EPS = {'mnist': 0.1, 'cifar10': 0.031, 'tinyimagenet': 0.031}
-
-
 def run_empirical_lip(model, loader, args, runtime, logger):
     """Mean empirical local Lipschitzness over the test set, both directions; writes the CSV."""
-    eps = args.lip_eps if args.lip_eps is not None else LIP_EPS[args.data]
+    eps = args.lip_eps if args.lip_eps is not None else data_load.dataset(args.data).lip_eps
     norm = args.lip_norm if args.lip_norm == 'inf' else int(args.lip_norm)
     result = empirical.dataset_lipschitzness(model, loader, eps, norm=norm, device=runtime.device,
-                                             certified=trainer.bound_settings(args, training=False),
+                                             certified=evaluation.bound_settings(args, training=False),
                                              progress=runtime.is_main)
     path = output_prefix(args.saved_model) + '_lipschitz.csv'
     empirical.write_lipschitzness_csv(path, result)

@@ -1,4 +1,4 @@
-"""The last layer: worst-case logits from the penultimate ball and box (SPEC section 3, BCP).
+"""The last layer: worst-case logits from the penultimate ball and box (docs/method.md §3, BCP).
 
 Every translation entry is ``max <w, d>`` subject to ``|d|_2 <= r`` and ``lower <= d <= upper``
 (``lower <= 0 <= upper``, relative to the ball's centre), for ``w`` a difference of two rows of the

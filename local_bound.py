@@ -1,4 +1,4 @@
-"""Local-Lip bound propagation (SPEC sections 2-3).
+"""Local-Lip bound propagation (docs/method.md §2-3).
 
 A ball (centre, L2 radius) and a box (lower, upper) flow through the layers of an ``nn.Sequential``;
 each layer type has one rule, looked up by type in ``RULES``. Affine layers are recorded with the
@@ -15,11 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data_load
 import guaranteed
 from last_layer import label_column, translate
 from settings import CERTIFIED, BoundSettings
 from spectral import global_spectral_norm, masked_norm, precise_global_norm, precise_masked_norms
-from utils import ClampGroupSort, Flatten, ReLU_x, relu_x
+from models import ClampGroupSort, Flatten, ReLU_x, relu_x
 
 
 class BoundError(ValueError):
@@ -355,8 +356,9 @@ def affine_rule(layer, index, state, options):
     return replace(state, centre=centre, radius=state.radius * sigma, lower=lower, upper=upper, mask=None)
 
 
-def _activation_step(index, state, act, mask, out_mask, sparsity, elementwise=True, theta=False):
-    """Shared part of every activation rule: box through ``act`` intersected with the ball's box.
+def _activation_step(index, state, act, mask, sparsity=0.0, theta=False):
+    """Shared part of every elementwise activation rule: box through ``act`` intersected with the
+    ball's box; ``mask`` (the varying neurons) becomes the output mask of the affine layer before.
 
     For an elementwise non-decreasing ``act``, ``max(act(l), act(m - r)) = act(max(l, m - r))``
     (and likewise for the upper bound), so the intersection is taken before the activation.
@@ -364,17 +366,12 @@ def _activation_step(index, state, act, mask, out_mask, sparsity, elementwise=Tr
     """
     if theta is not False:
         lower, upper, centre = _ClippedBallStep.apply(state.lower, state.upper, state.centre, state.radius, theta)
-    elif elementwise:
+    else:
         r = state.radius.view(-1, *([1] * (state.centre.dim() - 1)))
         lower = act(torch.maximum(state.lower, state.centre - r))
         upper = act(torch.minimum(state.upper, state.centre + r))
         centre = act(state.centre)
-    else:
-        r = state.radius.view(-1, *([1] * (state.centre.dim() - 1)))
-        lower = torch.maximum(act(state.lower), act(state.centre - r))
-        upper = torch.minimum(act(state.upper), act(state.centre + r))
-        centre = act(state.centre)
-    if out_mask and state.records:
+    if state.records:
         record = state.records[-1]
         record.out_mask = mask.reshape(mask.size(0), *record.op.out_shape)
     _count_varying(state, index, mask)
@@ -394,13 +391,26 @@ def relux_rule(layer, index, state, options):
     sp_thres = options.settings.sp_thres
     if sp_thres is not None:
         sparsity = F.relu(state.upper).mean() + sp_thres * F.relu(theta - state.lower).mean()
-    return _activation_step(index, state, lambda t: relu_x(t, theta), mask, True, sparsity, theta=theta)
+    return _activation_step(index, state, lambda t: relu_x(t, theta), mask, sparsity, theta=theta)
 
 
 def relu_rule(layer, index, state, options):
     mask = (~(state.upper <= 0)).to(state.centre.dtype)      # a NaN bound is never fixed
     sparsity = F.relu(state.upper).mean() if options.settings.sp_thres is not None else 0.0
-    return _activation_step(index, state, F.relu, mask, True, sparsity, theta=None)
+    return _activation_step(index, state, F.relu, mask, sparsity, theta=None)
+
+
+def monotone_rule(act, fixed):
+    """The bound rule of a non-decreasing elementwise activation (for ``register_activation``).
+
+    ``act(layer, t)`` computes the activation; ``fixed(layer, lower, upper)`` is a bool tensor of
+    the neurons whose output is the same for every pre-activation in [lower, upper] (a neuron with
+    a NaN or infinite bound is never taken as fixed)."""
+    def rule(layer, index, state, options):
+        finite = torch.isfinite(state.lower) & torch.isfinite(state.upper)
+        mask = (~(fixed(layer, state.lower, state.upper) & finite)).to(state.centre.dtype)
+        return _activation_step(index, state, lambda t: act(layer, t), mask)
+    return rule
 
 
 def maxmin_rule(layer, index, state, options):
@@ -441,15 +451,53 @@ def flatten_rule(layer, index, state, options):
                    mask=flat(state.mask))
 
 
-RULES = {
+RULES = {                       # layer type -> bound rule (activations: see register_activation)
     nn.Conv2d: affine_rule,
     nn.Linear: affine_rule,
-    ReLU_x: relux_rule,
-    nn.ReLU: relu_rule,
-    ClampGroupSort: maxmin_rule,
     Flatten: flatten_rule,
     nn.Flatten: flatten_rule,
 }
+
+
+@dataclass(frozen=True)
+class Activation:
+    """How the pass and training treat one activation type: its bound rule (which also decides
+    the varying mask, hence the metrics' ``varying_<i>`` columns) and what to project after every
+    optimiser step (``project(layer)``, e.g. ReLU_x thresholds onto [0, inf); None: nothing)."""
+    rule: object
+    project: object = None
+
+
+ACTIVATIONS = {}
+
+
+def register_activation(cls, rule, project=None):
+    """Declare activation module type ``cls``: the one call a new activation needs (README, Extending)."""
+    RULES[cls] = rule
+    ACTIVATIONS[cls] = Activation(rule, project)
+
+
+def _nonnegative_threshold(layer):
+    layer.threshold.clamp_(min=0.0)
+
+
+register_activation(ReLU_x, relux_rule, project=_nonnegative_threshold)
+register_activation(nn.ReLU, relu_rule)
+register_activation(ClampGroupSort, maxmin_rule)
+
+
+def activation_layers(model):
+    """Indices of the registered activation layers of ``model``."""
+    return [i for i, layer in enumerate(model) if type(layer) in ACTIVATIONS]
+
+
+@torch.no_grad()
+def project_parameters(model):
+    """Apply every activation's projection (after each optimiser step)."""
+    for layer in model.modules():
+        spec = ACTIVATIONS.get(type(layer))
+        if spec is not None and spec.project is not None:
+            spec.project(layer)
 
 
 def rule_for(layer, index=None):
@@ -966,12 +1014,11 @@ def layer_norms(model, x, eps, settings=CERTIFIED, *, precise=False, rtol=1e-6):
 
 
 def infer_input_shape(model):
-    """The input shape (C, H, W) or (F,) that ``model`` accepts, among the data sets it was built for."""
+    """The input shape (C, H, W) or (F,) that ``model`` accepts, among those of the registered data sets."""
     first = list(model)[0]
     if isinstance(first, nn.Linear):
         return (first.in_features,)
-    for size in (28, 32, 64):
-        shape = (first.in_channels, size, size)
+    for shape in sorted({spec.shape for spec in data_load.DATASETS.values() if spec.shape[0] == first.in_channels}):
         try:
             with torch.no_grad():
                 model(_probe(model, shape))

@@ -324,7 +324,8 @@ def main(argv=None):
     try:
         runs = [load_run(prefix, name) for prefix, name in zip(args.runs, names)]
     except (OSError, ValueError, KeyError) as error:
-        sys.exit(f'error: {error}')
+        print(f'error: {error}', file=sys.stderr)
+        sys.exit(2)
     written, skipped = make_figures(runs, args.out)
     for path in written:
         print(path)

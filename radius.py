@@ -26,8 +26,6 @@ from tqdm import tqdm
 import local_bound
 from settings import CERTIFIED
 
-PAPER_RADII = {'mnist': (1.58,), 'cifar10': (36 / 255, 72 / 255, 108 / 255),
-               'tinyimagenet': (36 / 255, 72 / 255, 108 / 255)}
 RADIUS_COLUMNS = ('index', 'label', 'prediction', 'radius', 'local_bound', 'local_bound_eps', 'global_bound')
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The authors' recipes (SPEC section 5), one command each. Run the line you need, e.g.
+# The authors' recipes (docs/method.md §5), one command each. Run the line you need, e.g.
 #   bash run_job.sh cifar_6c2f
 # Extra flags are passed through: bash run_job.sh mnist --device cuda:1 --data_dir /datasets
 # Multi-GPU: prefix with torchrun, e.g. torchrun --nproc_per_node=4 train_cifar10.py ...

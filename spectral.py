@@ -1,4 +1,4 @@
-"""Spectral norms of the bound pass (SPEC section 2).
+"""Spectral norms of the bound pass (docs/method.md §2).
 
 * ``global_spectral_norm``: ``||W||_2`` by power iteration whose vector persists across calls (warm
   start); ``global_vectors_state``/``load_global_vectors`` save and restore those vectors.

@@ -1,4 +1,4 @@
-"""Certified training on CIFAR-10 (SPEC sections 4-5). ``python train_cifar10.py --help`` lists the flags."""
+"""Certified training on CIFAR-10 (docs/method.md §4-5). ``python train_cifar10.py --help`` lists the flags."""
 import functools
 
 import trainer

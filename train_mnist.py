@@ -1,4 +1,4 @@
-"""Certified training on MNIST (SPEC sections 4-5). ``python train_mnist.py --help`` lists the flags."""
+"""Certified training on MNIST (docs/method.md §4-5). ``python train_mnist.py --help`` lists the flags."""
 import functools
 
 import trainer

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The authors' TinyImageNet recipes (SPEC section 5), launched with torchrun, one process per GPU:
+# The authors' TinyImageNet recipes (docs/method.md §5), launched with torchrun, one process per GPU:
 #   bash TinyImagenet/run_job.sh relux                     (NPROC=4 GPUs on this machine)
 #   NPROC=2 bash TinyImagenet/run_job.sh maxmin --data_dir /datasets
 # Several machines: on every one, NNODES=<machines> RDZV_ENDPOINT=<host:port of one of them>

@@ -1,4 +1,4 @@
-"""Certified training on TinyImageNet (SPEC sections 4-5), one process or many with torchrun.
+"""Certified training on TinyImageNet (docs/method.md §4-5), one process or many with torchrun.
 
     torchrun --nproc_per_node=4 TinyImagenet/train_tiny_multi.py --model tinyimagenet_relux \
         --batch_size 32 --sparse 0.01 --indices 0,6,12,14,17 --lr 2.5e-4 --data_dir data/
@@ -47,8 +47,8 @@ def check_indices(args):
     allowed = [i for i, layer in enumerate(model) if local_bound.is_affine(layer)][:-1]
     wrong = sorted(set(args.indices or ()) - set(allowed))
     if wrong:
-        sys.exit(f'error: --indices {wrong} are not conv/linear layers before the last of {args.model}; '
-                 f'choose from {",".join(map(str, allowed))}')
+        utils.exit_user_error(f'--indices {wrong} are not conv/linear layers before the last of {args.model}; '
+                              f'choose from {",".join(map(str, allowed))}')
     return args
 
 

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 
 from common import (device_peak_bytes, host_peak_bytes, host_rss_bytes, machine_lines, print_table,
                     reset_device_peak, reset_host_peak, sync)
+import checkpoints
 import local_bound
 import settings
 import spectral
-import trainer
 import utils
 
 PROCEDURES = {"authors' procedure": settings.AUTHORS.replace(layout='pairwise'),
@@ -116,7 +116,7 @@ def train_short(model, steps, eps, device, images):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        utils.clamp_thresholds(model)
+        local_bound.project_parameters(model)
     return model
 
 
@@ -124,7 +124,7 @@ def load_weights(name, args, device):
     """(model, where the weights came from)."""
     paths = dict(item.split('=', 1) for item in args.checkpoint)
     if name in paths:
-        model, _ = trainer.load_model(paths[name], 'cifar10', name, 2.0, device)
+        model, _ = checkpoints.load_model(paths[name], 'cifar10', name, 2.0, device)
         return model.eval(), paths[name]
     torch.manual_seed(args.seed)
     model = utils.select_model('cifar10', name, 2.0, device)

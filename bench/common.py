@@ -17,6 +17,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+import data_load  # noqa: E402
 import local_bound  # noqa: E402
 import trainer  # noqa: E402
 import utils  # noqa: E402
@@ -152,7 +153,7 @@ class Authors:
         self.args, self.runtime = args, runtime
         self.model = model
         self.optimizer = utils.make_optimizer(args, model)
-        shape = utils.INPUT_SHAPES[args.data]
+        shape = data_load.input_shape(args.data)
         self.store = AuthorsStore(model, shape, num_examples, seed=args.seed + 1,
                                   pin=runtime.device.type == 'cuda')
         self.trainer = AuthorsTrainer(model, self.optimizer, self.store, sniter=args.sniter,

@@ -7,7 +7,7 @@ end, and the configuration is freed before the next phase. Phases alternate (A, 
 
 * authors' layout: DataLoader with per-image PIL transforms (random crop + flip, ToTensor), one
   worker; fp32 store in pinned host memory, batch slice to the device and back every step.
-* ours: ``trainer.build_loaders`` (uint8 images on the device, batched crop + flip there) and
+* ours: ``loaders.build_loaders`` (uint8 images on the device, batched crop + flip there) and
   ``trainer.make_store`` (float16 on the GPU when it fits), ``trainer.train_robust_epoch``.
 
     python bench/epoch.py --device cuda                 # 50,000 examples, batch 256, sniter 2
@@ -24,7 +24,8 @@ from PIL import Image
 from torchvision import transforms
 
 import data_load
-import trainer
+import loaders
+import ranks
 import utils
 from common import (Authors, Ours, device_peak_bytes, gib, host_peak_bytes, host_rss_bytes, machine_lines, make_args,
                     print_table, reset_device_peak, reset_host_peak, sync)
@@ -90,7 +91,7 @@ def run_phase(kind, opts, args, runtime, data, base_state):
     model = utils.select_model(args.data, args.model, args.init, runtime.device)
     model.load_state_dict(base_state)
     if kind == 'ours':
-        loader = trainer.build_loaders(args, runtime, data, data)[0]
+        loader = loaders.build_loaders(args, runtime, data, data)[0]
         config = Ours(model, args, runtime, len(data))
     else:
         loader = authors_loader(data, opts.batch_size, runtime.device)
@@ -128,7 +129,7 @@ def main(argv=None):
     opts = parse(argv)
     device = torch.device(opts.device)
     args = make_args(opts.model, opts.batch_size, opts.sniter, opts.opt_iter, device, opts.flags.split())
-    runtime = trainer.Runtime(device)
+    runtime = ranks.Runtime(device)
     data = SyntheticCIFAR(opts.examples)
     torch.manual_seed(0)
     base_state = {k: v.clone() for k, v in utils.select_model(args.data, args.model, args.init).state_dict().items()}

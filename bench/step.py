@@ -15,7 +15,8 @@ import torch
 
 from common import (Ours, build_pair, device_peak_bytes, gib, host_peak_bytes, host_rss_bytes, interleaved,
                     machine_lines, make_args, median, print_table, reset_device_peak, reset_host_peak, spread)
-import trainer
+import data_load
+import ranks
 
 
 def parse(argv=None):
@@ -46,7 +47,7 @@ def main(argv=None):
         torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
     args = make_args(opts.model, opts.batch_size, opts.sniter, opts.opt_iter, device)
-    runtime = trainer.Runtime(device)
+    runtime = ranks.Runtime(device)
     examples = opts.examples or 8 * opts.batch_size
     authors, ours = build_pair(opts.model, args, runtime, examples)
     configs = [ours] if opts.no_authors else [authors, ours]
@@ -57,8 +58,8 @@ def main(argv=None):
         variant.name = f'ours, {name}'
         configs.append(variant)
 
-    shape = common.utils.INPUT_SHAPES[args.data]
-    classes = common.utils.NUM_CLASSES[args.data]
+    shape = data_load.input_shape(args.data)
+    classes = data_load.num_classes(args.data)
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.rand(opts.batch_size, *shape, generator=generator),
                 torch.randint(classes, (opts.batch_size,), generator=generator),

@@ -18,7 +18,7 @@ import sys
 import common  # noqa: F401  (puts the repository on sys.path)
 import torch
 
-import trainer
+import ranks  # noqa: E402
 import utils
 from common import (Authors, Ours, device_peak_bytes, gib, host_peak_bytes, host_rss_bytes, interleaved,
                     machine_lines, make_args, median, print_table, reset_device_peak, reset_host_peak, spread)
@@ -52,7 +52,7 @@ def main(argv=None):
             '--indices', '0,6,12,14,17', '--sparse', '0.01', '--device', opts.device, '--no_save',
             '--verbose', '0', '--epochs', '3', '--rampup', '2', *opts.flags.split()]
     args = train_tiny_multi.parse(argv)
-    runtime = trainer.Runtime(device)
+    runtime = ranks.Runtime(device)
     examples = opts.examples or 8 * opts.batch_size
     torch.manual_seed(0)
     base = utils.select_model(args.data, opts.model, args.init, device)

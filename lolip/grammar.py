@@ -1,4 +1,4 @@
-"""The original ``--model`` grammar: ``[AUG-]LOSS-tor-ARCH[-HYPER]`` (SPEC_lolip section 1).
+"""The original ``--model`` grammar: ``[AUG-]LOSS-tor-ARCH[-HYPER]`` (docs/method_lolip.md §1).
 
 LOSS must contain ``ce``; the objective is chosen by substring, first match wins:
 trades, tulip, llr, advbeta, adv, else natural. Its modifiers (betas, lambdas, steps) live in LOSS.

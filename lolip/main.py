@@ -1,5 +1,5 @@
 """lolip command line: train a model of the original's grammar, attack it, measure its local
-Lipschitzness, write one JSON and print one table (SPEC_lolip section 1).
+Lipschitzness, write one JSON and print one table (docs/method_lolip.md §1).
 
     python lolip/main.py --experiment experiment01 --no-hooks --norm inf --eps 0.1 \
         --dataset mnist --model ce-tor-CNN001 --attack pgd --random_seed 0 --data_dir DIR
@@ -15,8 +15,9 @@ if __package__ in (None, ''):  # run as a script: make the repository root impor
 
 import torch  # noqa: E402
 
+import checkpoints  # noqa: E402
 import data_load  # noqa: E402
-import trainer  # noqa: E402
+import utils  # noqa: E402
 from lolip import data, recipe, report, train  # noqa: E402
 from lolip.adversaries import build_attack  # noqa: E402
 from lolip.archs import build_model  # noqa: E402
@@ -121,10 +122,11 @@ def main(argv=None):
     spec = check_args(p, args)
     try:
         result, path = run(args, spec)
-    except (data_load.DataNotFoundError, trainer.CheckpointError) as error:
-        sys.exit(f'error: {error}')
+    except (data_load.DataNotFoundError, checkpoints.CheckpointError) as error:
+        utils.exit_user_error(error)
     except KeyboardInterrupt:
-        sys.exit('interrupted; run again with --resume to continue from the last epoch')
+        print('interrupted; run again with --resume to continue from the last epoch', file=sys.stderr)
+        sys.exit(130)
     print(report.table(result))
     print(f'results: {path}')
     return result

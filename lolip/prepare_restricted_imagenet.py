@@ -1,4 +1,4 @@
-"""Build Restricted ImageNet from an ImageNet folder (SPEC_lolip section 5).
+"""Build Restricted ImageNet from an ImageNet folder (docs/method_lolip.md §5).
 
     python -m lolip.prepare_restricted_imagenet --imagenet /path/to/imagenet --data_dir data/
 
@@ -76,7 +76,8 @@ def main(argv=None):
     try:
         counts = prepare(args.imagenet, args.data_dir)
     except (PreparationError, OSError) as error:
-        sys.exit(f'error: {error}')
+        print(f'error: {error}', file=sys.stderr)
+        sys.exit(2)
     for split, per_class in counts.items():
         print(f'{split}: ' + ', '.join(f'{name} {count}' for name, count in sorted(per_class.items())))
 

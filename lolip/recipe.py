@@ -1,4 +1,4 @@
-"""Optimiser, learning rate, batch size, epochs and lr milestones (SPEC_lolip section 7).
+"""Optimiser, learning rate, batch size, epochs and lr milestones (docs/method_lolip.md §7).
 
 SGD without weight decay, lr divided by 10 at each milestone. The --model HYPER tokens
 (``adam``, ``lrem2``, ``bs128``, ``ep70``, ``mo.9``, ``wd.9``) override the data set's defaults.

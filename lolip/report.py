@@ -1,4 +1,4 @@
-"""What a run reports (SPEC_lolip section 1): clean and adversarial accuracy on train and test,
+"""What a run reports (docs/method_lolip.md §1): clean and adversarial accuracy on train and test,
 empirical local Lipschitzness on train and test in both directions (``lip_max``: the definition's
 maximisation; ``lip_as_published``: the original code's descent), and the generalisation gaps.
 """
@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 import empirical
+from local_bound import correct_predictions
 
 EVAL_BATCH = 128  # eval mode: per-example results do not depend on the batch (the original: 16)
 ROWS = (('clean accuracy', 'acc'), ('adversarial accuracy', 'adv_acc'),
@@ -22,15 +23,16 @@ def loader(dataset, batch_size=EVAL_BATCH):
 
 
 def accuracies(model, batches, attack, device, desc):
-    """(clean accuracy, accuracy under ``attack``) over ``batches``, model in eval mode."""
+    """(clean accuracy, accuracy under ``attack``) over ``batches``, model in eval mode (a tie or NaN
+    never counts as correct, as everywhere in the repository)."""
     model.eval()
     clean = robust = count = 0
     for x, y in tqdm(batches, desc=desc, leave=False):
         x, y = x.to(device), y.to(device)
         x_adv = attack(model, x, y)
         with torch.no_grad():
-            clean += int((model(x).argmax(1) == y).sum())
-            robust += int((model(x_adv).argmax(1) == y).sum())
+            clean += int(correct_predictions(model(x), y).sum())
+            robust += int(correct_predictions(model(x_adv), y).sum())
         count += len(y)
     return clean / max(count, 1), robust / max(count, 1)
 

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import trainer
 
 TEST_BATCH = 32
 
@@ -65,17 +64,17 @@ def _set_rng_state(state):
 
 def save_checkpoint(path, model, optimizer, scheduler, epoch, history, meta):
     """Everything ``resume`` needs, written atomically."""
-    trainer.atomic_save({'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
+    checkpoints.atomic_save({'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
                          'scheduler': scheduler.state_dict(), 'epoch': epoch, 'history': history,
                          'rng': _rng_state(), **meta}, path)
 
 
 def load_checkpoint(path, model, optimizer, scheduler, meta):
     """(epochs done, history) from ``path``; CheckpointError when it is another run's."""
-    state = trainer.load_state(path)
+    state = checkpoints.load_state(path)
     for key, value in meta.items():
         if state.get(key) != value:
-            raise trainer.CheckpointError(f'{path} is a checkpoint of {key} {state.get(key)!r}, '
+            raise checkpoints.CheckpointError(f'{path} is a checkpoint of {key} {state.get(key)!r}, '
                                           f'not {value!r}; remove it or drop --resume')
     model.load_state_dict(state['state_dict'])
     optimizer.load_state_dict(state['optimizer'])
@@ -104,3 +103,5 @@ def fit(model, data, objective, optimizer, scheduler, *, epochs, batch_size, dev
             f'test loss {test_loss:.4f} acc {test_acc:.4f}')
         save_checkpoint(checkpoint, model, optimizer, scheduler, epoch, history, meta)
     return history
+
+import checkpoints

@@ -45,7 +45,7 @@ def trained_mnist(tmp_path_factory):
     finally:
         os.chdir(cwd)
     prefix = folder / 'pretrained' / 'e2e_relux'
-    model, _ = trainer.load_model(f'{prefix}_best.pth', 'mnist', 'relux')
+    model, _ = checkpoints.load_model(f'{prefix}_best.pth', 'mnist', 'relux')
     model.eval()
     x = torch.stack([test_set[i][0] for i in range(len(test_set))])
     y = torch.tensor([test_set[i][1] for i in range(len(test_set))])
@@ -62,3 +62,5 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+import checkpoints

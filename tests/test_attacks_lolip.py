@@ -1,4 +1,4 @@
-"""lolip's evaluation attacks (SPEC_lolip section 3 settings over attacks.py) and the report's
+"""lolip's evaluation attacks (docs/method_lolip.md §3 settings over attacks.py) and the report's
 local Lipschitzness: in the ball and [0, 1], analytic worst cases of linear models, multi-targeted
 at least as strong as PGD on a trained network, the analytic Lipschitzness of a linear map."""
 import math

@@ -1,8 +1,8 @@
-"""Numerical tests of local_bound.py against independent computations written from SPEC.md.
+"""Numerical tests of local_bound.py against independent computations written from docs/method.md.
 
 The reference side never calls the code under test: explicit matrices are built by applying the
 layers to basis vectors, spectral norms come from ``torch.linalg.svdvals``, the last-layer problem is
-solved exactly (KKT + bisection), and the ball/box pass of SPEC section 2 is re-implemented in
+solved exactly (KKT + bisection), and the ball/box pass of docs/method.md §2 is re-implemented in
 ``reference_pass``. Small float64 networks keep this exact and fast (CPU, under a minute).
 The module runs torch single-threaded: on a loaded 2-core machine, intra-op threads make these
 small convolutions up to ~100x slower (spinning OpenMP workers), single-threaded they take seconds.
@@ -18,8 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
+import data_load
 import last_layer
 import local_bound as lb
+import models
 import spectral
 import utils
 from settings import AUTHORS, TRAINING
@@ -80,7 +82,7 @@ def exact_translation(w, lower, upper, radius, iters=200):
 
 
 def filter_row_norms(layer, out_shape):
-    """Per-output-neuron L2 norm of the layer's row (SPEC: a conv uses the whole filter's norm)."""
+    """Per-output-neuron L2 norm of the layer's row (docs/method.md §2: a conv uses the whole filter's norm)."""
     w = layer.weight.detach()
     if isinstance(layer, nn.Linear):
         return w.norm(dim=1)
@@ -88,7 +90,7 @@ def filter_row_norms(layer, out_shape):
 
 
 def reference_pass(model, x, eps):
-    """SPEC section 2, written independently, with exact (SVD) global norms. Per sample b returns a dict:
+    """docs/method.md §2, written independently, with exact (SVD) global norms. Per sample b returns a dict:
 
     centre, lower, upper (penultimate), boxes (lower, upper after every layer but the last),
     masks {activation index: 0/1 varying mask}, affine [(index, matrix, in_mask, out_mask)],
@@ -207,14 +209,14 @@ def small_conv_net(kind, seed=0, dtype=DT, input_shape=(2, 7, 7)):
         if kind == 'relu':
             return nn.ReLU()
         half = [shape[0], shape[1] // 2, *shape[2:]]
-        return ClampGroupSort(half, *utils.CIFAR_6C_MAXMIN[k])     # (.1,-.1) (.1,-.15) (.15,-.15)
+        return ClampGroupSort(half, *models.CIFAR_6C_MAXMIN[k])     # (.1,-.1) (.1,-.15) (.15,-.15)
 
     model = nn.Sequential(
         nn.Conv2d(c, 4, 3, 1, 1), act([1, 4, h, w], 0),
         nn.Conv2d(4, 4, 4, 2, 1), act([1, 4, h2, w2], 1),
         Flatten(), nn.Linear(4 * h2 * w2, 12), act([1, 12], 2),
         nn.Linear(12, 4))
-    utils.init_conv_weights(model)
+    models.init_conv_weights(model)
     random_thresholds(model)
     return model.to(dtype)
 
@@ -242,8 +244,8 @@ def scaled_tiny_8c(kind, seed=0):
     _seed(seed)
     convs = [(3, 8, 3, 1, 1), (8, 8, 3, 1, 1), (8, 8, 4, 2, 0), (8, 16, 3, 1, 1),
              (16, 16, 3, 1, 1), (16, 16, 4, 2, 0), (16, 32, 3, 1, 1), (32, 32, 4, 2, 0)]
-    act = utils.relux_activation(1.0) if kind == 'relux' else utils.maxmin_activation(utils.TINY_8C_MAXMIN)
-    return utils.build_sequential((3, 32, 32), convs, [32, 20], act)
+    act = models.relux_activation(1.0) if kind == 'relux' else models.maxmin_activation(models.TINY_8C_MAXMIN)
+    return models.build_sequential((3, 32, 32), convs, [32, 20], act)
 
 
 def code_pass(model, x, eps, sniter):
@@ -353,9 +355,9 @@ def test_masked_spectral_norm_all_masked_is_zero_not_nan():
 
 # ============================================================================ 2. local <= global
 
-@pytest.mark.parametrize('key', list(utils.MODELS), ids=lambda k: f'{k[0]}-{k[1]}')
+@pytest.mark.parametrize('key', list(models.MODELS), ids=lambda k: f'{k[0]}-{k[1]}')
 def test_local_below_global_real_models(key):
-    """Every model of SPEC section 1 (random init, random inputs): local <= global per sample.
+    """Every model of docs/method.md §1 (random init, random inputs): local <= global per sample.
 
     Both are power-iteration estimates (lower bounds of the true norms); the true local/global ratio
     of these models at these radii is about 0.5-0.9, far beyond the estimates' error.
@@ -363,7 +365,7 @@ def test_local_below_global_real_models(key):
     data, name = key
     _seed(4)
     model = utils.select_model(data, name, 2.0)
-    x = torch.rand(2, *utils.INPUT_SHAPES[data])
+    x = torch.rand(2, *data_load.input_shape(data))
     tiny = data == 'tinyimagenet'
     glob = lb.global_lipschitz(model, sniter=50 if tiny else 300)
     local = lb.local_lipschitz(model, x, 0.16 if tiny else 36 / 255, AUTHORS.replace(sniter=10 if tiny else 100))
@@ -395,7 +397,7 @@ def test_local_below_global_briefly_trained(kind):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        utils.clamp_thresholds(model)
+        lb.project_parameters(model)
     model = copy.deepcopy(model).double()      # new layer objects: no float32 warm-start vectors
     ref = reference_pass(model, x[:4].double(), 0.3)
     exact_global = math.prod(ref[0]['global_sigma'].values())
@@ -552,7 +554,7 @@ def test_clip_and_rescale_float32_ill_conditioned_never_underestimates():
     Exact optimum: the two clipped coordinates give 2e-3, the free ones take the rest of the ball.
     Regression (bug up to 2f71efe): clip_and_rescale computed the free part's norm as
     sqrt(r^2 - |clipped part|^2), which cancels catastrophically in float32, and under-estimated
-    this optimum by 1.7%, i.e. the worst-case logits were not an upper bound (SPEC: it never
+    this optimum by 1.7%, i.e. the worst-case logits were not an upper bound (docs/method.md §3: it never
     under-estimates).
     """
     w = np.array([1.0, 1.0, 1e-3, 1e-3, 1e-3, 1e-3])
@@ -642,7 +644,7 @@ def test_bound_outputs_pairwise_equals_label():
 
 @pytest.mark.parametrize('kind', ['relux', 'relu', 'maxmin'])
 def test_worst_case_logits_match_reference(kind):
-    """Boxes, masks, local norms and worst-case logits equal the independent SPEC implementation."""
+    """Boxes, masks, local norms and worst-case logits equal the independent implementation of docs/method.md."""
     model = small_conv_net(kind, seed=14)
     x = torch.rand(3, 2, 7, 7, dtype=DT)
     y = torch.tensor([1, 0, 3])
@@ -667,7 +669,7 @@ def test_worst_case_logits_match_reference(kind):
     varying = sum(float(m.sum()) for ref in refs for m in ref['masks'].values())
     assert fixed > 0 and varying > 0, 'vacuous: choose eps so that masks are mixed'
     out = lb.bound_outputs(model, x, y, eps, AUTHORS.replace(sniter=3000, opt_iter=1000))
-    # The local power iteration stops once u moves < 1e-3 (SPEC), so its norms are ~1e-4 accurate.
+    # The local power iteration stops once u moves < 1e-3 (docs/method.md §2), so its norms are ~1e-4 accurate.
     for b, ref in enumerate(refs):
         assert float(out.lipschitz[b].detach()) == pytest.approx(ref['local_product'], rel=1e-3)
         assert ref['local_product'] < math.prod(ref['global_sigma'].values())
@@ -831,7 +833,7 @@ def test_real_model_boxes_and_masks_hold_on_samples(key):
     _seed(24)
     model = utils.select_model(data, name, 0.3)
     random_thresholds(model, 0.05, 0.5)
-    x = 0.2 + 0.6 * torch.rand(1, *utils.INPUT_SHAPES[data])
+    x = 0.2 + 0.6 * torch.rand(1, *data_load.input_shape(data))
     eps = 0.5
     masks = record_masks(model, x, eps, sniter=300)
     trace, _ = code_pass(model, x, eps, sniter=300)
@@ -918,7 +920,7 @@ def robust_tiny_net(kind='relux', seed=41):
         act = lambda shape: nn.ReLU()  # noqa: E731
     model = nn.Sequential(nn.Conv2d(1, 4, 3, 1, 1), act([1, 4, 6, 6]), nn.Conv2d(4, 4, 4, 2, 1), act([1, 4, 3, 3]),
                           Flatten(), nn.Linear(36, 16), act([1, 16]), nn.Linear(16, 3))
-    utils.init_conv_weights(model)
+    models.init_conv_weights(model)
     return model
 
 
@@ -934,7 +936,7 @@ def trained():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        utils.clamp_thresholds(model)
+        lb.project_parameters(model)
     model.eval()
     return model, x, y
 
@@ -1056,7 +1058,7 @@ def test_store_gather_scatter_round_trip_and_sharding():
 
 
 def one_power_step(mat, u, in_mask, out_mask):
-    """u <- D_in u; v = normalise(D_out W u); u = normalise(D_in W^T v) (SPEC section 2)."""
+    """u <- D_in u; v = normalise(D_out W u); u = normalise(D_in W^T v) (docs/method.md §2)."""
     a = masked_matrix(mat, in_mask, out_mask)
     v = a @ u
     v = v / v.norm()
@@ -1247,7 +1249,7 @@ def test_worst_case_loss_gradient_matches_finite_differences(net, mode):
 
 
 def _reference_activation_box(layer, lower, upper, centre, radius):
-    """SPEC: box = [max(act(l), act(m - r)), min(act(u), act(m + r))], centre act(m), plain torch ops."""
+    """docs/method.md §2: box = [max(act(l), act(m - r)), min(act(u), act(m + r))], centre act(m), plain torch ops."""
     r = radius.view(-1, *([1] * (centre.dim() - 1)))
     if isinstance(layer, ReLU_x):
         act = lambda t: torch.clamp(torch.minimum(t, layer.threshold), min=0.0)  # noqa: E731
@@ -1296,7 +1298,7 @@ def test_activation_rule_values_and_gradients_on_handmade_states(kind, shape):
     assert 0.1 < float(ball_binds) < 0.9, 'test states should mix binding ball and binding box'
     for got, want, name in zip((new.lower, new.upper, new.centre), ref, ('lower', 'upper', 'centre')):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
-    # masks (SPEC section 2), from the pre-activation box (ReLU family) or the output box (MaxMin)
+    # masks (docs/method.md §2), from the pre-activation box (ReLU family) or the output box (MaxMin)
     if kind == 'relux':
         want_mask = ((lower <= layer.threshold) & (upper > 0))
         assert torch.equal(record.out_mask.bool(), want_mask)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import compare
-import trainer
 import utils
 from lolip.archs import build_model
 
@@ -17,27 +17,27 @@ needs_mnist = pytest.mark.skipif(not (MNIST_MINI / 'MNIST' / 'raw').is_dir(),
 
 
 @pytest.fixture
-def checkpoints(tmp_path):
+def saved_models(tmp_path):
     """A Local-Lip relux checkpoint (trainer's format) and a lolip CNN001 one (lolip's format),
     both untrained: the table's plumbing and its invariants are what is checked."""
     torch.manual_seed(0)
     relux = utils.select_model('mnist', 'relux')
-    trainer.atomic_save({'state_dict': relux.state_dict(), 'err': 1.0, 'epoch': 0},
+    checkpoints.atomic_save({'state_dict': relux.state_dict(), 'err': 1.0, 'epoch': 0},
                         str(tmp_path / 'relux_best.pth'))
     cnn = build_model('CNN001', 10, 1)
-    trainer.atomic_save({'state_dict': cnn.state_dict(), 'model': 'ce-tor-CNN001',
+    checkpoints.atomic_save({'state_dict': cnn.state_dict(), 'model': 'ce-tor-CNN001',
                          'dataset': 'mnist', 'epoch': 0}, str(tmp_path / 'cnn.pth'))
     return tmp_path
 
 
 @needs_mnist
-def test_one_table_for_both_families(checkpoints, one_thread, capsys):
-    out = checkpoints / 'table'
+def test_one_table_for_both_families(saved_models, one_thread, capsys):
+    out = saved_models / 'table'
     rows = compare.main(['--data', 'mnist', '--data_dir', str(MNIST_MINI), '--eps', '1.58',
                          '--limit_test', '20', '--pgd_steps', '10', '--sniter', '30',
                          '--opt_iter', '30', '--device', 'cpu', '--out', str(out),
-                         '--locallip', f'relux:{checkpoints / "relux_best.pth"}',
-                         '--lolip', str(checkpoints / 'cnn.pth')])
+                         '--locallip', f'relux:{saved_models / "relux_best.pth"}',
+                         '--lolip', str(saved_models / 'cnn.pth')])
     certified, empirical_row = rows
     assert certified['family'].startswith('Local-Lip') and empirical_row['family'].startswith('lolip')
     assert empirical_row['certified_acc'] == 0 and 'no certificate' in empirical_row['note']
@@ -48,18 +48,18 @@ def test_one_table_for_both_families(checkpoints, one_thread, capsys):
     # soundness across the two pieces: the certified bound on the ratio is above the search's value
     assert certified['ratio_bound'] >= certified['lip_max']
     assert certified['local_bound'] > 0
-    text = (checkpoints / 'table.md').read_text()
+    text = (saved_models / 'table.md').read_text()
     assert 'first 20 test images, L2 eps 1.58' in text and text.count('\n| ') == 3
-    with open(checkpoints / 'table.csv') as handle:
+    with open(saved_models / 'table.csv') as handle:
         assert [r['family'] for r in csv.DictReader(handle)] == [r['family'] for r in rows]
     assert 'written:' in capsys.readouterr().out
 
 
-def test_wrong_dataset_checkpoint_is_one_line(checkpoints, tmp_path):
+def test_wrong_dataset_checkpoint_is_one_line(saved_models, tmp_path):
     with pytest.raises(compare.CompareError, match="'mnist' checkpoint, not 'cifar10'"):
-        compare.load_lolip(str(checkpoints / 'cnn.pth'), 'cifar10', 'cpu')
+        compare.load_lolip(str(saved_models / 'cnn.pth'), 'cifar10', 'cpu')
     with pytest.raises(compare.CompareError, match='NAME:PATH'):
-        compare.load_locallip(str(checkpoints / 'relux_best.pth'), 'mnist', 'cpu')
+        compare.load_locallip(str(saved_models / 'relux_best.pth'), 'mnist', 'cpu')
 
 
 def test_no_model_is_a_usage_error(capsys):

@@ -13,8 +13,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 import data_load
-from data_load import (DataNotFoundError, DeviceTensorLoader, IndexedDataset, build_datasets,
-                       fast_loaders, make_loaders)
+from data_load import DataNotFoundError, DeviceTensorLoader, IndexedDataset, build_datasets, make_loaders
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_MINI = REPO.parent / 'shared' / 'data' / 'mnist-mini'
@@ -75,9 +74,9 @@ def test_make_loaders_drop_last_and_sampler():
 
 @needs_mnist_mini
 def test_mnist_mini_loader():
-    train_loader, test_loader = data_load.data_loaders(
-        'mnist', MNIST_MINI, 500, 500, augmentation=True, normalization=True, num_workers=0,
-        download=False)
+    train_set, test_set = build_datasets('mnist', MNIST_MINI, augmentation=True, normalization=True,
+                                         download=False)
+    train_loader, test_loader = make_loaders(train_set, test_set, 500, 500)
     assert len(train_loader.dataset) == 8000 and len(test_loader.dataset) == 2000
     x, y, index = next(iter(test_loader))
     assert x.shape == (500, 1, 28, 28) and x.min() >= 0 and x.max() <= 1
@@ -103,11 +102,10 @@ def test_failed_download_becomes_data_not_found(tmp_path, monkeypatch):
 def test_shapes_and_classes():
     assert data_load.input_shape('cifar10') == (3, 32, 32)
     assert data_load.num_classes('tinyimagenet') == 200
-    with pytest.raises(ValueError):
-        data_load.input_shape('svhn')
-    with pytest.raises(ValueError, match='image folders'):
-        fast_loaders('tinyimagenet', 'data/', 2, 2, device='cpu', augmentation=True,
-                     normalization=False, shuffle=True, drop_last=False, seed=0)
+    assert data_load.input_shape('svhn') == (3, 32, 32)           # lolip's, declared in the same registry
+    with pytest.raises(ValueError, match='unknown dataset'):
+        data_load.input_shape('imagenet')
+    assert not data_load.dataset('tinyimagenet').device_loader    # image folders: the DataLoader path
 
 
 def test_cifar_transforms_follow_spec():
@@ -233,13 +231,13 @@ def test_from_dataset_channels_last():
 
 
 @needs_mnist_mini
-def test_fast_loaders_match_torchvision_mnist():
-    train_loader, test_loader = fast_loaders(
-        'mnist', MNIST_MINI, 128, 64, device='cpu', augmentation=True, normalization=True,
-        shuffle=True, drop_last=False, seed=0, download=False)
-    assert len(train_loader.dataset) == 8000 and len(test_loader.dataset) == 2000
-    assert not train_loader.augment and train_loader.mean is None
+def test_device_loader_matches_torchvision_mnist():
+    spec = data_load.dataset('mnist')
+    assert spec.device_loader and not spec.device_augmentation
+    assert data_load.normalization_stats('mnist', True) is None    # MNIST is never normalised
     _, test_set = build_datasets('mnist', MNIST_MINI, download=False)
+    test_loader = DeviceTensorLoader.from_dataset(test_set, 64, device='cpu')
+    assert len(test_loader.dataset) == 2000
     x, y, index = next(iter(test_loader))
     assert torch.equal(index, torch.arange(64))
     assert torch.equal(x, torch.stack([test_set[i][0] for i in range(64)]))

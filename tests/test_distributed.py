@@ -18,7 +18,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+import evaluation
 import local_bound
+import ranks
 import trainer
 import utils
 
@@ -208,12 +210,12 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_shards_are_disjoint_equal_and_split_one_process_batches():
-    shards = [trainer.ShardSampler(23, r, 3, shuffle=False) for r in range(3)]
+    shards = [ranks.ShardSampler(23, r, 3, shuffle=False) for r in range(3)]
     owned = torch.cat([s.indices for s in shards])
     assert len(set(owned.tolist())) == 21 and all(len(s) == 7 for s in shards)
     steps = zip(*(torch.tensor(list(s)).split(2) for s in shards))
     assert torch.equal(torch.cat([torch.cat(step).sort().values for step in steps]), torch.arange(21))
-    shuffled = trainer.ShardSampler(23, 1, 3, seed=5)
+    shuffled = ranks.ShardSampler(23, 1, 3, seed=5)
     first = list(shuffled)
     shuffled.set_epoch(1)
     second = list(shuffled)
@@ -222,7 +224,7 @@ def test_shards_are_disjoint_equal_and_split_one_process_batches():
 
 @pytest.mark.parametrize('size', [10, 11, 1])
 def test_eval_indices_cover_every_example_once(size):
-    parts = [trainer.eval_indices(size, trainer.Runtime(torch.device('cpu'), r, 4)) for r in range(4)]
+    parts = [ranks.eval_indices(size, ranks.Runtime(torch.device('cpu'), r, 4)) for r in range(4)]
     assert sorted(torch.cat(parts).tolist()) == list(range(size))
 
 
@@ -231,8 +233,8 @@ def certify_split(model, data, args, batch, owned=None):
     x, y = data
     index = torch.arange(len(y)) if owned is None else owned
     loader = [(x[i], y[i], i) for i in index.split(batch)]
-    starts = trainer.evaluation_starts(model, args)
-    stats = trainer.evaluate_certified(model, loader, args, trainer.Runtime(torch.device('cpu')),
+    starts = evaluation.evaluation_starts(model, args)
+    stats = evaluation.evaluate_certified(model, loader, args, ranks.Runtime(torch.device('cpu')),
                                        args.epsilon, starts)
     return round(stats.clean_err * stats.examples), round(stats.certified_err * stats.examples)
 
@@ -250,8 +252,8 @@ def test_seeded_starts_do_not_depend_on_batches_or_shares():
     halves = [certify_split(model, (x, y), args, 3, torch.arange(r, 13, 2)) for r in (0, 1)]
     assert whole == tuple(map(sum, zip(*halves)))
     assert 3 == whole[0] < whole[1] < 13
-    first = trainer.SeededStarts(model, (1, 28, 28), 7).gather(torch.tensor([4, 9]), 'cpu')
-    again = trainer.SeededStarts(model, (1, 28, 28), 7).gather(torch.tensor([9]), 'cpu')
+    first = evaluation.SeededStarts(model, (1, 28, 28), 7).gather(torch.tensor([4, 9]), 'cpu')
+    again = evaluation.SeededStarts(model, (1, 28, 28), 7).gather(torch.tensor([9]), 'cpu')
     assert all(torch.equal(first[i][1:], again[i]) for i in first)
 
 

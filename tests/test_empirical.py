@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import empirical
-import utils
+import local_bound
+import models
 from settings import AUTHORS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def test_two_to_one_norm_is_the_largest_signed_row_sum():
 
 def small_relux_net(shape, seed):
     torch.manual_seed(seed)
-    return utils.build_sequential(shape, [(shape[0], 8, 4, 2, 1)], [32, 10], utils.relux_activation(1.0))
+    return models.build_sequential(shape, [(shape[0], 8, 4, 2, 1)], [32, 10], models.relux_activation(1.0))
 
 
 def assert_below_certified(model, x, eps, norm):
@@ -135,7 +136,7 @@ def test_trained_mnist_network_stays_below_the_certified_bound():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        utils.clamp_thresholds(model)
+        local_bound.project_parameters(model)
     test = datasets.MNIST(str(MNIST_MINI), train=False, download=False)
     xt = test.data[:16].float().div(255).unsqueeze(1)
     assert (model(xt).argmax(1) == test.targets[:16]).float().mean() > 0.6   # it did learn

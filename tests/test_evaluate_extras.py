@@ -7,7 +7,7 @@ import evaluate
 import local_bound
 from conftest import MNIST_MINI
 
-LIMIT = 40
+LIMIT = 20
 
 
 def _run(trained_mnist, *extra):

@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 
 import data_load
+import loaders
 import local_bound as lb
+import models
+import ranks
 import spectral
 import trainer
 import utils
@@ -54,7 +57,7 @@ def setup(data, name, batch=5, seed=0, trained_steps=0):
     """(model, x, y, eps, shared global vectors, start vectors) for a small fixed problem."""
     torch.manual_seed(seed)
     model = utils.select_model(data, name, 2.0)
-    shape = utils.INPUT_SHAPES[data]
+    shape = data_load.input_shape(data)
     x = torch.rand(batch, *shape)
     y = torch.randint(0, 10, (batch,))
     shapes = lb.affine_input_shapes(model, shape)
@@ -210,7 +213,7 @@ def test_fused_clip_step_gradcheck_and_values(with_theta):
     args = [t.requires_grad_() for t in (lower, upper, centre, radius)] + [
         theta.requires_grad_() if with_theta else None]
     assert torch.autograd.gradcheck(lambda *a: lb._ClippedBallStep.apply(*a), args)
-    act = (lambda t: utils.relu_x(t, theta)) if with_theta else F.relu
+    act = (lambda t: models.relu_x(t, theta)) if with_theta else F.relu
     got = lb._ClippedBallStep.apply(*args)
     r = radius.view(-1, 1)
     want = (act(torch.maximum(lower, centre - r)), act(torch.minimum(upper, centre + r)), act(centre))
@@ -271,12 +274,12 @@ def loader_args(**changes):
 
 def test_device_loader_covers_each_example_once_per_epoch():
     train_set, test_set = TinyVisionSet(70), TinyVisionSet(40, seed=1)
-    train, test, owned, _ = trainer.build_loaders(loader_args(), trainer.Runtime(torch.device('cpu')),
+    train, test, owned, _ = loaders.build_loaders(loader_args(), ranks.Runtime(torch.device('cpu')),
                                                   train_set, test_set)
     assert isinstance(train, data_load.DeviceTensorLoader) and owned is None
     orders = []
     for epoch in range(2):
-        trainer.set_loader_epoch(train, epoch, 5)
+        loaders.set_loader_epoch(train, epoch, 5)
         seen = torch.cat([index for _, _, index in train])
         assert sorted(seen.tolist()) == list(range(70))
         orders.append(seen)
@@ -284,7 +287,7 @@ def test_device_loader_covers_each_example_once_per_epoch():
             assert x.shape[1:] == (3, 32, 32) and 0 <= x.min() and x.max() <= 1
             assert torch.equal(y, torch.as_tensor(train_set.targets)[index])
     assert not torch.equal(orders[0], orders[1])
-    trainer.set_loader_epoch(train, 0, 5)   # the order is a function of (seed, epoch): exact resume
+    loaders.set_loader_epoch(train, 0, 5)   # the order is a function of (seed, epoch): exact resume
     assert torch.equal(torch.cat([index for _, _, index in train]), orders[0])
     x, _, index = next(iter(test))           # test set: in order, not augmented
     assert torch.equal(index, torch.arange(32))
@@ -296,8 +299,8 @@ def test_device_loader_shards_cover_the_data_once():
     train_set = TinyVisionSet(70)
     seen = []
     for rank in range(3):
-        runtime = trainer.Runtime(torch.device('cpu'), rank=rank, world_size=3)
-        train, _, owned, _ = trainer.build_loaders(loader_args(), runtime, train_set, TinyVisionSet(9))
+        runtime = ranks.Runtime(torch.device('cpu'), rank=rank, world_size=3)
+        train, _, owned, _ = loaders.build_loaders(loader_args(), runtime, train_set, TinyVisionSet(9))
         indices = torch.cat([index for _, _, index in train])
         assert sorted(indices.tolist()) == sorted(owned.tolist())
         seen += indices.tolist()
@@ -305,16 +308,16 @@ def test_device_loader_shards_cover_the_data_once():
 
 
 def test_loader_choice():
-    cpu = trainer.Runtime(torch.device('cpu'))
+    cpu = ranks.Runtime(torch.device('cpu'))
     seam = torch.utils.data.TensorDataset(torch.rand(10, 3, 32, 32), torch.arange(10) % 10)
-    assert not isinstance(trainer.build_loaders(loader_args(), cpu, seam, seam)[0], data_load.DeviceTensorLoader)
+    assert not isinstance(loaders.build_loaders(loader_args(), cpu, seam, seam)[0], data_load.DeviceTensorLoader)
     subset = torch.utils.data.Subset(TinyVisionSet(30), range(5, 25))
-    train = trainer.build_loaders(loader_args(), cpu, subset, TinyVisionSet(9))[0]
+    train = loaders.build_loaders(loader_args(), cpu, subset, TinyVisionSet(9))[0]
     assert isinstance(train, data_load.DeviceTensorLoader) and len(train.dataset) == 20
-    torch_loader = trainer.build_loaders(loader_args(loader='torch'), cpu, TinyVisionSet(9), TinyVisionSet(9))[0]
+    torch_loader = loaders.build_loaders(loader_args(loader='torch'), cpu, TinyVisionSet(9), TinyVisionSet(9))[0]
     assert isinstance(torch_loader, torch.utils.data.DataLoader)
     with pytest.raises(ValueError):
-        trainer.build_loaders(loader_args(loader='device'), cpu, seam, seam)
+        loaders.build_loaders(loader_args(loader='device'), cpu, seam, seam)
 
 
 def test_augmentation_matches_torchvision_distribution():
@@ -334,5 +337,5 @@ def test_augmentation_matches_torchvision_distribution():
 
 def test_store_dtype_defaults():
     args = Namespace(store_dtype='auto')
-    assert trainer.store_dtype(args, trainer.Runtime(torch.device('cpu'))) == torch.float32
-    assert trainer.store_dtype(Namespace(store_dtype='bfloat16'), trainer.Runtime(torch.device('cpu'))) == torch.bfloat16
+    assert trainer.store_dtype(args, ranks.Runtime(torch.device('cpu'))) == torch.float32
+    assert trainer.store_dtype(Namespace(store_dtype='bfloat16'), ranks.Runtime(torch.device('cpu'))) == torch.bfloat16

@@ -13,9 +13,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+import evaluation
 import guaranteed
 import local_bound as lb
 import radius
+import ranks
 import spectral
 from settings import AUTHORS, CERTIFIED, LANCZOS, TRAINING, BoundSettings
 
@@ -380,19 +382,18 @@ def test_the_convergence_audit_checks_the_reported_certificates():
     from types import SimpleNamespace
 
     import audit
-    import trainer
     model, x, y, eps, _, u2 = dead_neuron_trap()
     args = SimpleNamespace(sniter=1, test_sniter=50, opt_iter=1, test_opt_iter=1, gloro=False, bound='local',
                            spectral='lanczos', translation='exact', seed=0, failure_prob=1e-9)
     loader = [(x, y, torch.tensor([7]))]
-    runtime = trainer.Runtime(torch.device('cpu'))
+    runtime = ranks.Runtime(torch.device('cpu'))
     spectral.set_warm_vector(model[0], u2.clone())
-    reported = trainer.evaluate_certified(model, loader, args, runtime, eps)
+    reported = evaluation.evaluate_certified(model, loader, args, runtime, eps)
     assert reported.certified_index.tolist() == [7]
     converged = torch.zeros(1, 20)
     converged[0, 0] = 1.0                                           # the warm vector converges ...
     spectral.set_warm_vector(model[0], converged)
-    rerun = trainer.evaluate_certified(model, loader, args, runtime, eps)
+    rerun = evaluation.evaluate_certified(model, loader, args, runtime, eps)
     assert rerun.certified_index.tolist() == []                     # ... so a re-run certifies nothing
     before = spectral.warm_vector(model[0]).clone()
     report = audit.convergence_audit(model, loader, args, runtime, eps, reported)
@@ -400,7 +401,7 @@ def test_the_convergence_audit_checks_the_reported_certificates():
     assert report.global_underestimate == pytest.approx(1 / 0.98 - 1, rel=1e-3)   # sigma_2 was used
     assert torch.equal(spectral.warm_vector(model[0]), before)                    # the audit moved nothing
     args.spectral = 'guaranteed'
-    honest = trainer.evaluate_certified(model, loader, args, runtime, eps)
+    honest = evaluation.evaluate_certified(model, loader, args, runtime, eps)
     assert honest.certified_index.tolist() == [] and honest.failure_prob == 1e-9
 
 

@@ -1,5 +1,5 @@
-"""lolip command line: the --model grammar, recipes, models, one-line errors, the first SPEC_lolip
-example on real MNIST digits (JSON + table), checkpoints and --resume."""
+"""lolip command line: the --model grammar, recipes, models, one-line errors, the first example of
+docs/method_lolip.md on real MNIST digits (JSON + table), checkpoints and --resume."""
 import json
 import math
 import subprocess
@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer
 from lolip import main as lolip_main
 from lolip.archs import build_model
 from lolip.grammar import GrammarError, parse_model
@@ -125,13 +124,13 @@ def test_missing_data_is_one_line(tmp_path):
     result = run_script('--experiment', 'restrictedImgnet', '--norm', 'inf', '--eps', '0.005',
                         '--dataset', 'resImgnet112v3', '--model', 'advce-tor-ResNet50-adambs128',
                         '--attack', 'pgd', '--data_dir', str(tmp_path), '--out_dir', str(tmp_path))
-    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert 'lolip.prepare_restricted_imagenet' in result.stderr.strip().splitlines()[-1]
 
 
 @needs_mnist
 def test_example_1_on_real_digits_then_resume(tmp_path, one_thread, capsys):
-    """The first SPEC example as written plus --data_dir and small limits: one JSON, one table;
+    """The first example of docs/method_lolip.md as written plus --data_dir and small limits: one JSON, one table;
     a second call with --resume --epochs 2 continues and ends where an uninterrupted 2-epoch run
     ends (same RNG state restored, so the same weights)."""
     ours = ['--data_dir', str(MNIST_MINI), '--out_dir', str(tmp_path / 'a'), '--limit_train', '128',
@@ -153,8 +152,10 @@ def test_example_1_on_real_digits_then_resume(tmp_path, one_thread, capsys):
     assert [h['epoch'] for h in resumed['history']] == [1, 2]
     straight = ours[:3] + [str(tmp_path / 'b')] + ours[4:]
     lolip_main.main(EXAMPLE_1 + straight + ['--epochs', '2'])
-    one = trainer.load_state(tmp_path / 'a' / 'experiment01' / 'mnist-inf-0.1-ce-tor-CNN001-pgd-0.pth')
-    two = trainer.load_state(tmp_path / 'b' / 'experiment01' / 'mnist-inf-0.1-ce-tor-CNN001-pgd-0.pth')
+    one = checkpoints.load_state(tmp_path / 'a' / 'experiment01' / 'mnist-inf-0.1-ce-tor-CNN001-pgd-0.pth')
+    two = checkpoints.load_state(tmp_path / 'b' / 'experiment01' / 'mnist-inf-0.1-ce-tor-CNN001-pgd-0.pth')
     assert one['epoch'] == two['epoch'] == 2
     for key, value in one['state_dict'].items():
         assert torch.allclose(value, two['state_dict'][key]), key
+
+import checkpoints

@@ -1,5 +1,5 @@
 """lolip data: SVHN and Restricted ImageNet builders (data_load.py), the Restricted ImageNet
-preparation script on a fake ImageNet folder, and the third SPEC_lolip example run on it."""
+preparation script on a fake ImageNet folder, and the third example of docs/method_lolip.md run on it."""
 import json
 import subprocess
 import sys
@@ -69,7 +69,7 @@ def test_prepare_errors_are_one_line(tmp_path):
     missing = subprocess.run([sys.executable, '-m', 'lolip.prepare_restricted_imagenet', '--imagenet',
                               str(tmp_path / 'nowhere'), '--data_dir', str(tmp_path)],
                              capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert missing.returncode == 1 and missing.stderr.strip().splitlines() == [
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
         f'error: ImageNet folder {tmp_path / "nowhere"} not found']
     (tmp_path / 'partial' / 'train' / 'n01440764').mkdir(parents=True)
     (tmp_path / 'partial' / 'val').mkdir()
@@ -104,7 +104,7 @@ def test_svhn_reads_torchvision_files(tmp_path, monkeypatch):
 
 
 def test_example_3_runs_on_a_fake_imagenet(tmp_path, one_thread, capsys):
-    """The third SPEC example as written (AT, ResNet50, Adam batch 128) plus --data_dir and one
+    """The third example of docs/method_lolip.md as written (AT, ResNet50, Adam batch 128) plus --data_dir and one
     short epoch, on the fake ImageNet after the preparation script: it trains, attacks, measures
     and writes its JSON. (The images are noise: only the plumbing is checked here.)"""
     prepare.prepare(fake_imagenet(tmp_path / 'imagenet'), tmp_path / 'data')

@@ -1,5 +1,5 @@
 """lolip objectives: loss values and parameter gradients against direct re-computations of the
-SPEC_lolip section 2 formulas (per-example loops, hand-written log-softmax), both bug modes."""
+docs/method_lolip.md §2 formulas (per-example loops, hand-written log-softmax), both bug modes."""
 import math
 
 import pytest

@@ -132,7 +132,8 @@ def test_empirical_points_are_the_csv(two_runs):
 def test_missing_files_end_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         plots.main(['--runs', str(tmp_path / 'nothing_relux')])
-    assert 'nothing_relux_metrics.csv' in str(stop.value.code) and '\n' not in str(stop.value.code)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and 'nothing_relux_metrics.csv' in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit) as stop:
         plots.main(['--runs', 'a', 'b', '--names', 'one'])
     assert stop.value.code == 2 and '--names has 1 names for 2 runs' in capsys.readouterr().err

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import evaluation
 import local_bound
+import models
 import radius
-import trainer
-import utils
 from settings import AUTHORS
 
 SHAPE = (1, 12, 12)
@@ -23,7 +23,7 @@ ANCHOR = 0.28
 def trained():
     """A small ReLU_x network trained for a moment on ten noisy prototypes, and 12 test examples."""
     torch.manual_seed(0)
-    model = utils.build_sequential(SHAPE, [(1, 8, 4, 2, 1)], [32, 10], utils.relux_activation(1.0))
+    model = models.build_sequential(SHAPE, [(1, 8, 4, 2, 1)], [32, 10], models.relux_activation(1.0))
     prototypes = torch.rand(10, *SHAPE)
     g = torch.Generator().manual_seed(1)
 
@@ -44,7 +44,7 @@ def trained():
 
 def starts(model):
     """Start vectors drawn from (seed, example index): repeated certify calls see the same ones."""
-    return trainer.SeededStarts(model, SHAPE, seed=0)
+    return evaluation.SeededStarts(model, SHAPE, seed=0)
 
 
 @pytest.fixture(scope='module')

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, TensorDataset
 
+import checkpoints
 import local_bound
 import trainer
 import utils
@@ -66,7 +67,7 @@ def test_a_nan_input_is_never_certified_nor_correct():
 
 @pytest.mark.parametrize('eps', [math.nan, math.inf, -0.1])
 def test_a_bad_eps_is_refused_in_one_line(eps):
-    """A NaN radius would turn the translation into NaN, which SPEC's NaN -> 0 rule maps to 0:
+    """A NaN radius would turn the translation into NaN, which the NaN -> 0 rule of docs/method.md §3 maps to 0:
     the clean logits would pass as worst-case ones. The pass refuses such an eps instead."""
     model = _easy_model()
     x = torch.rand(8, 12)
@@ -159,16 +160,16 @@ def test_a_checkpoint_with_a_nan_tensor_is_refused_naming_it(tmp_path):
     state['10.threshold'][0, 3] = math.nan
     path = tmp_path / 'bad_best.pth'
     torch.save({'state_dict': state, 'err': 0.5, 'epoch': 1}, path)
-    with pytest.raises(trainer.CheckpointError, match=r'10\.threshold holds NaN') as info:
-        trainer.load_model(str(path), 'mnist', 'relux')
+    with pytest.raises(checkpoints.CheckpointError, match=r'10\.threshold holds NaN') as info:
+        checkpoints.load_model(str(path), 'mnist', 'relux')
     assert '\n' not in str(info.value)
 
 
 def test_atomic_save_refuses_non_finite_values_and_keeps_the_old_file(tmp_path):
     path = str(tmp_path / 'x_checkpoint.pth')
-    trainer.atomic_save({'state_dict': {'w': torch.ones(3)}}, path)
-    with pytest.raises(trainer.NonFiniteError, match='w holds NaN'):
-        trainer.atomic_save({'state_dict': {'w': torch.tensor([1.0, math.nan])}}, path)
+    checkpoints.atomic_save({'state_dict': {'w': torch.ones(3)}}, path)
+    with pytest.raises(checkpoints.NonFiniteError, match='w holds NaN'):
+        checkpoints.atomic_save({'state_dict': {'w': torch.tensor([1.0, math.nan])}}, path)
     assert torch.load(path)['state_dict']['w'].eq(1).all()
     assert [p.name for p in tmp_path.iterdir()] == ['x_checkpoint.pth']
 
@@ -194,7 +195,7 @@ class PoisonedFromSecondEpoch(Dataset):
 
 def _all_saved_tensors_finite(folder):
     for path in Path(folder).glob('*.pth'):
-        assert trainer.first_non_finite(torch.load(path, weights_only=False)) is None, path
+        assert checkpoints.first_non_finite(torch.load(path, weights_only=False)) is None, path
 
 
 def test_a_nan_image_stops_training_and_resume_continues(tmp_path, monkeypatch, capsys):

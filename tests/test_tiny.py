@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
+import evaluation  # noqa: E402
+import ranks  # noqa: E402
 import trainer
 import utils
 from test_distributed import ENV, launch, store_lines
@@ -88,8 +90,8 @@ def test_bad_indices_are_clear_errors(indices, message, capsys):
 def test_store_holds_the_indices_layers_in_fp16_and_its_share_only():
     args = train_tiny_multi.parse(['--indices', ','.join(map(str, TINY_LAYERS)), '--device', 'cpu'])
     model = utils.select_model('tinyimagenet', args.model)
-    runtime = trainer.Runtime(torch.device('cpu'), rank=1, world_size=2)
-    owned = trainer.ShardSampler(10, runtime.rank, runtime.world_size).indices
+    runtime = ranks.Runtime(torch.device('cpu'), rank=1, world_size=2)
+    owned = ranks.ShardSampler(10, runtime.rank, runtime.world_size).indices
     store = trainer.make_store(model, args, runtime, 10, owned, seed=1)
     per_example = 3 * 64 * 64 + 64 * 31 * 31 + 128 * 14 * 14 + 256 * 14 * 14 + 256 * 6 * 6
     assert sorted(store.shapes) == TINY_LAYERS and store.dtype == torch.float16
@@ -98,13 +100,13 @@ def test_store_holds_the_indices_layers_in_fp16_and_its_share_only():
 
 def test_sparsity_enters_the_robust_loss():
     args = train_tiny_multi.parse(['--sparse', '0.01', '--device', 'cpu'])
-    assert trainer.bound_settings(args, training=True).sp_thres == 0.1
+    assert evaluation.bound_settings(args, training=True).sp_thres == 0.1
     ce, robust, sparsity = torch.tensor(1.0), torch.tensor(3.0), torch.tensor(20.0)
     assert trainer.robust_objective(ce, robust, sparsity, 0.25, args) == pytest.approx(0.25 + 0.75 * 3.2)
     args.gloro = True
     assert trainer.robust_objective(ce, robust, sparsity, 0.25, args) == 3.0
     args = train_tiny_multi.parse(['--sparse', '0', '--device', 'cpu'])
-    assert trainer.bound_settings(args, training=True).sp_thres is None
+    assert evaluation.bound_settings(args, training=True).sp_thres is None
 
 
 def test_two_ranks_train_and_evaluate_tiny(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+import checkpoints
 import evaluate
 import local_bound
 import trainer
@@ -79,7 +80,7 @@ def test_exponential_lr_schedule():
 # ----------------------------------------------------------------------------- checkpoints
 
 def spec_keys(model_name):
-    """Parameter names and shapes of SPEC section 1, written out independently of utils."""
+    """Parameter names and shapes of docs/method.md §1, written out independently of utils."""
     if model_name == 'c6f2_relux':
         convs = [(0, 32, 3, 3), (2, 32, 32, 3), (4, 32, 32, 4), (6, 64, 32, 3), (8, 64, 64, 3), (10, 64, 64, 4)]
         sizes = [32, 32, 16, 16, 16, 8]
@@ -107,7 +108,7 @@ def test_authors_state_dict_loads(name, tmp_path):
     authors = {f'module.{k}': torch.randn(shape) for k, shape in keys.items()}
     path = tmp_path / 'cifar_6C2F_best.pth'
     torch.save({'state_dict': authors, 'err': 0.5, 'epoch': 3}, path)
-    loaded, state = trainer.load_model(str(path), 'cifar10', name)
+    loaded, state = checkpoints.load_model(str(path), 'cifar10', name)
     assert state['epoch'] == 3
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, authors[f'module.{k}'])
@@ -116,10 +117,10 @@ def test_authors_state_dict_loads(name, tmp_path):
 def test_wrong_architecture_and_missing_file_are_clear_errors(tmp_path):
     path = tmp_path / 'm_best.pth'
     torch.save({'state_dict': utils.select_model('cifar10', 'c6f2_relux').state_dict()}, path)
-    with pytest.raises(trainer.CheckpointError, match='does not fit --model relux'):
-        trainer.load_model(str(path), 'cifar10', 'relux')
-    with pytest.raises(trainer.CheckpointError, match='not found'):
-        trainer.load_model(str(tmp_path / 'absent.pth'), 'cifar10', 'relux')
+    with pytest.raises(checkpoints.CheckpointError, match='does not fit --model relux'):
+        checkpoints.load_model(str(path), 'cifar10', 'relux')
+    with pytest.raises(checkpoints.CheckpointError, match='not found'):
+        checkpoints.load_model(str(tmp_path / 'absent.pth'), 'cifar10', 'relux')
 
 
 def fake_digits(n, seed):

@@ -1,4 +1,4 @@
-"""The multi-targeted attack of SPEC_lolip section 3, on the shared ``attacks.multitarget_pgd``.
+"""The multi-targeted attack of docs/method_lolip.md §3, on the shared ``attacks.multitarget_pgd``.
 
 A targeted PGD towards every class j (20 steps of eps/10, uniform random start); per example the
 j != y with the best score p_j(x_adv_j) - p_y(x) is kept. Run it with the model in eval mode.

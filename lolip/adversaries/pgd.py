@@ -1,4 +1,4 @@
-"""The evaluation PGD of SPEC_lolip section 3, on the shared ``attacks.pgd``.
+"""The evaluation PGD of docs/method_lolip.md §3, on the shared ``attacks.pgd``.
 
 One uniform random start in the ball, 10 steps of 2 eps / 10 on the mean cross-entropy (sign
 steps for L-infinity, normalised-gradient steps for L2), projection to the ball, clip to [0, 1].

@@ -1,4 +1,4 @@
-"""The two small MNIST networks (SPEC_lolip section 6)."""
+"""The two small MNIST networks (docs/method_lolip.md §6)."""
 import torch.nn as nn
 
 

@@ -1,4 +1,4 @@
-"""Pre-activation wide ResNet WRN-40-10 (SPEC_lolip section 6).
+"""Pre-activation wide ResNet WRN-40-10 (docs/method_lolip.md §6).
 
 Widths 16/160/320/640, 6 blocks per stage, strides 1/2/2; each block is BN-ReLU-conv3x3-BN-ReLU-
 (dropout)-conv3x3 plus the identity (or a 1x1 conv where the width or stride changes).

@@ -1,4 +1,4 @@
-"""LLR, the local linearity regulariser (Qin et al. 2019), SPEC_lolip section 2.
+"""LLR, the local linearity regulariser (Qin et al. 2019), docs/method_lolip.md §2.
 
 With l_i(x) the cross-entropy of example i, G_i = d l_i / d x_i and
 g_i(delta) = | l_i(x + delta_i) - l_i(x) - <delta_i, G_i> |, the paper's loss is

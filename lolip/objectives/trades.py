@@ -1,4 +1,4 @@
-"""TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(p(x) || p(x')) (SPEC_lolip section 2).
+"""TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(p(x) || p(x')) (docs/method_lolip.md §2).
 
 x' maximises sum_i KL(p(x_i) || p(x'_i)) with the model in EVAL mode: start x + 0.001 N(0, 1)
 (clipped to [0, 1]; the original clips only after the first step),
