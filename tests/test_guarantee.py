@@ -421,3 +421,22 @@ def test_a_model_without_hidden_layers_is_certified_by_its_margin():
     y = model(x).argmax(1)
     assert torch.equal(lb.certify(model, x, y, 0.0), lb.correct_predictions(model(x), y))
     assert torch.equal(lb.local_lipschitz(model, x, 0.1), torch.ones(8))
+
+
+@pytest.mark.parametrize('conv,shape', [
+    (nn.Conv2d(4, 6, 3, padding=1, groups=2), (4, 7, 7)),
+    (nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(0, 1), bias=False), (3, 8, 7)),
+    (nn.Conv2d(2, 4, 4, stride=2, padding=1), (2, 9, 9)),
+    (nn.Conv2d(2, 2, 1, stride=3), (2, 8, 8)),
+])
+def test_conv_geometries_are_modelled_exactly(conv, shape):
+    """Groups, rectangular kernels and strides, no bias, strides dropping rows: the operator is the
+    conv without bias, its adjoint the transpose, and the guaranteed bound is above the SVD."""
+    torch.manual_seed(0)
+    op = lb.make_operator(conv, shape)
+    x, y = torch.randn(2, *shape), torch.randn(2, *op.out_shape)
+    with torch.no_grad():
+        plain = conv(x) - (0 if conv.bias is None else conv.bias.view(1, -1, 1, 1))
+        assert torch.allclose(op.linear(x), plain, atol=1e-6)
+        assert float((op.linear(x) * y).sum()) == pytest.approx(float((x * op.adjoint(y)).sum()), abs=1e-4)
+    _check_upper(conv, shape, (torch.rand(3, *shape) > 0.3).float(), (torch.rand(3, *op.out_shape) > 0.3).float())
