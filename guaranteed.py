@@ -31,6 +31,8 @@ import weakref
 
 import torch
 
+import spectral
+
 KW_CONSTANT = 1.648
 EXACT_MARGIN = 1e-9
 ROUNDING = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -204,18 +206,8 @@ def explicit_norm_bounds(op, in_mask, out_mask, batch):
     """Exact per-sample ``||D_out W D_in||`` [batch] from the float64 SVD of the explicit masked
     matrix, with its rounding margin (an upper bound without failure probability)."""
     op64, scale = scaled_operator(op, torch.float64)
-    if isinstance(op64.layer, torch.nn.Linear):
-        matrix = op64.layer.weight                                          # [n_out, n_in]
-    else:
-        n_in = math.prod(op.in_shape)
-        basis = torch.eye(n_in, dtype=torch.float64, device=op.layer.weight.device)
-        matrix = op64.linear(basis.view(n_in, *op.in_shape)).flatten(1).t()
-    m = matrix.expand(batch, -1, -1)
-    if out_mask is not None:
-        m = m * out_mask.detach().double().flatten(1).unsqueeze(2)
-    if in_mask is not None:
-        m = m * in_mask.detach().double().flatten(1).unsqueeze(1)
-    sigma = torch.linalg.matrix_norm(m, ord=2)
+    double = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    sigma = spectral.explicit_masked_norms(op64, double(in_mask), double(out_mask), batch)
     return sigma * (1 + EXACT_MARGIN) * scale + FLOOR * scale
 
 

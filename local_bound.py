@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import data_load
 import guaranteed
+import spectral
 from last_layer import label_column, translate
 from settings import CERTIFIED, BoundSettings
 from spectral import global_spectral_norm, masked_norm, precise_global_norm, precise_masked_norms
@@ -554,15 +555,19 @@ def per_sample_eps(eps, x):
 def propagate(model, x, eps, settings=CERTIFIED, global_norms=None):
     """Carry ball and box from the input to the penultimate layer. Returns the final BoundState.
 
-    ``eps``: one L2 radius for the batch, or a tensor [B] with one per sample. ``global_norms``
-    ({affine layer index: norm}) replaces the warm power iteration that sizes the ball's box."""
+    ``eps``: one L2 radius for the batch, or a tensor [B] with one per sample. The global norms
+    that size the ball's box are ``global_norms`` ({affine layer index: norm}) when given, else
+    guaranteed upper bounds with guaranteed settings, else the warm power iteration."""
     check_boundable(model)
-    options = PassOptions(_checked(settings), global_norms)
+    settings = _checked(settings)
+    if global_norms is None and settings.guaranteed:
+        global_norms = _global_norm_bounds(model, x.shape[1:], settings)
+    options = PassOptions(settings, global_norms)
     radius = per_sample_eps(eps, x).clone()
     shaped = radius.view(-1, *([1] * (x.dim() - 1)))
     state = BoundState(x, radius, x - shaped, x + shaped)
     for index, layer in enumerate(list(model)[:-1]):
-        state = rule_for(layer, index)(layer, index, state, options)
+        state = RULES[type(layer)](layer, index, state, options)      # check_boundable vetted every layer
     return state
 
 
@@ -650,7 +655,7 @@ class SingularVectorStore:
         NaN, inf or too small to stay a direction in the store's dtype is re-drawn instead."""
         rows = self._rows(index)
         for i, u in vectors.items():
-            self.vectors[i][rows] = usable_vectors(u.detach().to(device=self.device, dtype=self.dtype))
+            self.vectors[i][rows] = spectral.usable_vectors(u.detach().to(device=self.device, dtype=self.dtype))
 
     def state_dict(self):
         return {'vectors': self.vectors, 'position': self.position}
@@ -660,18 +665,6 @@ class SingularVectorStore:
             if v.shape != self.vectors[i].shape:
                 raise ValueError(f'store layer {i}: saved shape {tuple(v.shape)} != {tuple(self.vectors[i].shape)}')
             self.vectors[i].copy_(v)
-
-
-def usable_vectors(u):
-    """``u`` [B, ...] with every row that cannot serve as a start vector (norm zero, below 1e-3 of a
-    unit vector, NaN or inf) replaced by a fresh standard normal row."""
-    norms = u.float().flatten(1).norm(dim=1)
-    bad = ~(torch.isfinite(norms) & (norms > 1e-3))
-    if not bad.any():
-        return u
-    u = u.clone()
-    u[bad] = torch.randn(int(bad.sum()), *u.shape[1:], device=u.device).to(u.dtype)
-    return u
 
 
 def example_normals(shapes, index, seed):
@@ -749,6 +742,11 @@ def guaranteed_global_norms(model, input_shape, settings):
     """{affine layer index: upper bound of its plain spectral norm} for every conv/linear layer but
     the last (``guaranteed.global_norm_bound``, exact where the matrix is small)."""
     check_boundable(model)
+    return _global_norm_bounds(model, input_shape, settings)
+
+
+def _global_norm_bounds(model, input_shape, settings):
+    """``guaranteed_global_norms`` of a model ``check_boundable`` accepted."""
     shapes = affine_input_shapes(model, input_shape)
     delta = settings.failure_prob / failure_events(settings, len(shapes))
     layers = list(model)
@@ -830,7 +828,7 @@ def guaranteed_local_product(state, last, logits, y, eps, settings, index=None):
     for k, steps in enumerate(checks):
         if not remaining.numel():
             break
-        bounds = runs.check(steps, delta) if state.records else {}
+        bounds = runs.check(steps, delta)
         low = math.prod((b[0] for b in bounds.values()), start=torch.ones(len(remaining), dtype=torch.float64,
                                                                               device=device))
         high = math.prod((b[1] for b in bounds.values()), start=torch.ones_like(low))
@@ -939,19 +937,16 @@ def bound_outputs(model, x, y, eps, settings=CERTIFIED, *, store=None, index=Non
     """
     settings = _checked(settings)
     eps = per_sample_eps(eps, x)
-    global_norms = guaranteed_global_norms(model, x.shape[1:], settings) if settings.guaranteed else None
-    state = propagate(model, x, eps, settings, global_norms)
+    state = propagate(model, x, eps, settings)
     last = list(model)[-1]
     logits = last(state.centre)
     if settings.guaranteed and settings.bound == 'local':
         product, column, norms = guaranteed_local_product(state, last, logits, y, eps, settings, index)
-    else:
-        if settings.guaranteed:           # the product of the guaranteed global norms
-            product, finals, norms = lipschitz_product(state, settings)
-        else:
-            product, finals, norms = lipschitz_product(state, settings, store=store, index=index)
-            if store is not None and finals:
-                store.scatter(index, finals)
+    else:                       # estimates, or the product of the guaranteed global norms (no store)
+        store = None if settings.guaranteed else store
+        product, finals, norms = lipschitz_product(state, settings, store=store, index=index)
+        if store is not None and finals:
+            store.scatter(index, finals)
         column = _column(last, y, state, eps * product, settings)
     finite = _box_finite(state) & torch.isfinite(column).all(dim=1) & torch.isfinite(product)
     column = torch.where(torch.isnan(column), torch.zeros_like(column), column)
@@ -984,10 +979,9 @@ def local_lipschitz(model, x, eps, settings=CERTIFIED, *, index=None):
     bounds with guaranteed settings, each within ``settings.tol``, default 1e-2, of its estimate)."""
     settings = _checked(settings).replace(bound='local')
     eps = per_sample_eps(eps, x)
-    if settings.guaranteed:
-        state = propagate(model, x, eps, settings, guaranteed_global_norms(model, x.shape[1:], settings))
-        return guaranteed_local_product(state, None, None, None, eps, settings, index)[0]
     state = propagate(model, x, eps, settings)
+    if settings.guaranteed:
+        return guaranteed_local_product(state, None, None, None, eps, settings, index)[0]
     return lipschitz_product(state, settings)[0]
 
 
@@ -1002,8 +996,7 @@ def layer_norms(model, x, eps, settings=CERTIFIED, *, precise=False, rtol=1e-6):
     for a convergence audit.
     """
     settings = _checked(settings).replace(bound='local')
-    global_norms = guaranteed_global_norms(model, x.shape[1:], settings) if settings.guaranteed else None
-    state = propagate(model, x, eps, settings, global_norms)
+    state = propagate(model, x, eps, settings)
     if precise:
         return {rec.index: precise_masked_norms(rec.op, rec.in_mask, rec.out_mask, rtol=rtol,
                                                   batch=x.size(0)).to(x.dtype)

@@ -73,9 +73,9 @@ def global_spectral_norm(op, iters, tol=GLOBAL_TOL, grad='unrolled'):
     """``||W||_2`` by power iteration, warm-started from the layer's last vector."""
     shape, weight = global_vector_shape(op), op.layer.weight
     u = warm_vector(op.layer)
-    if (u is None or u.shape[1:] != shape or u.device != weight.device or u.dtype != weight.dtype
-            or not _usable(u)):
+    if u is None or u.shape[1:] != shape or u.device != weight.device or u.dtype != weight.dtype:
         u = torch.randn(1, *shape, device=weight.device, dtype=weight.dtype)
+    u = usable_vectors(u)
     if isinstance(op.layer, torch.nn.Linear):
         sigma, u = _output_side_power_iteration(weight, u, iters, tol, grad)
     else:
@@ -84,10 +84,16 @@ def global_spectral_norm(op, iters, tol=GLOBAL_TOL, grad='unrolled'):
     return sigma[0]
 
 
-def _usable(u):
-    """A vector that can start a power iteration: finite, and not zero in its dtype."""
-    norm = u.detach().float().norm()
-    return bool(torch.isfinite(norm) and norm > 0)
+def usable_vectors(u):
+    """``u`` [B, ...] (unit vectors kept between calls) with every row that cannot serve as a start
+    vector (norm zero, below 1e-3, NaN or inf) replaced by a fresh standard normal row."""
+    norms = u.detach().float().flatten(1).norm(dim=1)
+    bad = ~(torch.isfinite(norms) & (norms > 1e-3))
+    if not bad.any():
+        return u
+    u = u.clone()
+    u[bad] = torch.randn(int(bad.sum()), *u.shape[1:], device=u.device).to(u.dtype)
+    return u
 
 
 def _output_side_power_iteration(weight, u, iters, tol, grad):
@@ -473,7 +479,7 @@ def precise_masked_norms(op, in_mask, out_mask, *, start=None, rtol=1e-6, max_it
     op64 = _operator_in_dtype(op, torch.float64)
     double = lambda t: None if t is None else t.double()  # noqa: E731
     if n_in * n_out <= explicit_limit:
-        return _explicit_norms(op64, double(in_mask), double(out_mask), batch)
+        return explicit_masked_norms(op64, double(in_mask), double(out_mask), batch)
     if start is None:
         start = torch.randn(batch, *op.in_shape, dtype=torch.float64, device=op.layer.weight.device)
     with torch.no_grad():
@@ -500,11 +506,15 @@ def precise_global_norm(op, rtol=1e-6, mix=0.1, explicit_limit=2**22):
 
 
 @torch.no_grad()
-def _explicit_norms(op, in_mask, out_mask, batch):
-    """Largest singular value of the explicit masked matrix of each sample (float64)."""
-    n_in = math.prod(op.in_shape)
-    basis = torch.eye(n_in, dtype=torch.float64, device=op.layer.weight.device)
-    matrix = op.linear(basis.view(n_in, *op.in_shape)).flatten(1).t()      # [n_out, n_in]
+def explicit_masked_norms(op, in_mask, out_mask, batch):
+    """Largest singular value of the explicit masked matrix of each sample (in the dtype of ``op``;
+    float64 for audits and guaranteed norms)."""
+    if isinstance(op.layer, torch.nn.Linear):
+        matrix = op.layer.weight                                            # [n_out, n_in]
+    else:
+        n_in = math.prod(op.in_shape)
+        basis = torch.eye(n_in, dtype=op.layer.weight.dtype, device=op.layer.weight.device)
+        matrix = op.linear(basis.view(n_in, *op.in_shape)).flatten(1).t()
     chunk = max(1, 2**27 // (matrix.numel() * 8))
     sigmas = []
     for s in range(0, batch, chunk):
