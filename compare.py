@@ -79,8 +79,9 @@ def test_batches(data, data_dir, limit, batch_size):
 def certification_settings(args):
     """The certificates' settings: guaranteed norms unless ``--spectral`` asks for an estimate."""
     if args.spectral == 'guaranteed':
-        return CERTIFIED.replace(sniter=args.sniter, failure_prob=args.failure_prob, seed=args.seed)
-    return BoundSettings(method=args.spectral, sniter=args.sniter, opt_iter=args.opt_iter,
+        return CERTIFIED.replace(sniter=args.sniter, failure_prob=args.failure_prob, seed=args.seed,
+                                 bound=args.bound)
+    return BoundSettings(method=args.spectral, sniter=args.sniter, opt_iter=args.opt_iter, bound=args.bound,
                          translation='exact' if args.spectral == 'lanczos' else 'iterative')
 
 
@@ -157,6 +158,8 @@ def parser():
     p.add_argument('--spectral', choices=('guaranteed', 'lanczos', 'power'), default='guaranteed',
                    help='norms of the certificates: guaranteed upper bounds (default) or an estimate '
                         '(lanczos; power = the authors\' procedure)')
+    p.add_argument('--bound', choices=('local', 'refined'), default='local',
+                   help='the certified side\'s bound (docs/method.md §4)')
     p.add_argument('--failure_prob', type=float, default=1e-9, help='guaranteed: failure probability per certificate')
     p.add_argument('--sniter', type=int, default=2000, help='most iterations per norm of the bound')
     p.add_argument('--opt_iter', type=int, default=1000, help='iterations of the last-layer step (power)')

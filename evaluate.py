@@ -29,7 +29,7 @@ def extra_flags(parser):
     g.add_argument('--radius', action='store_true',
                    help="bisect each test example's largest certified eps; writes <saved_model>_radius.csv")
     g.add_argument('--radius_max', type=float, default=None, help='largest eps searched (default 3 x --epsilon)')
-    g.add_argument('--radius_tol', type=float, default=1e-3, help='bisection tolerance in eps units')
+    g.add_argument('--radius_tol', type=float, default=1e-3, help='bisection tolerance relative to the radius: the reported radius r is certified, (1 + tol) r is not')
     g.add_argument('--empirical_lip', action='store_true',
                    help='empirical local Lipschitzness (Yang et al. 2020) of the logits, both the maximisation '
                         'and the published descent; writes <saved_model>_lipschitz.csv')
@@ -112,7 +112,8 @@ def run_radius(model, loader, args, runtime, logger, starts=None):
         store=starts)
     path = output_prefix(args.saved_model) + '_radius.csv'
     radius.write_radius_csv(path, rows)
-    accuracy = radius.certified_accuracy_at([row['radius'] for row in rows], thresholds)
+    accuracy = radius.certified_accuracy_at([row['radius'] for row in rows], thresholds,
+                                            [bool(row['correct']) for row in rows])
     logger.info(f"certified radius of {summary['examples']} examples (eps <= {eps_max:g}, tolerance "
                 f"{summary['tol']:g}, {summary['steps']} bisection steps) -> {path}; "
                 f"{summary['non_monotone']} not monotone, {summary['capped']} certified up to the maximum")

@@ -71,6 +71,14 @@ class ConvOperator:
         """L2 norm of each output channel's whole filter, shaped [1, C_out, 1, 1]."""
         return self.layer.weight.flatten(1).norm(dim=1).view(1, -1, 1, 1)
 
+    def masked_row_norms(self, in_mask):
+        """Per sample, the L2 norm of each output neuron's row restricted to the varying inputs
+        ``in_mask`` [B, C, H, W]: ``sqrt(conv(in_mask, W**2))``, at most the whole filter's norm."""
+        layer = self.layer
+        squares = F.conv2d(in_mask, layer.weight * layer.weight, None, layer.stride, layer.padding,
+                           layer.dilation, layer.groups)
+        return torch.minimum(_root(squares), self.row_norms())
+
 
 class LinearOperator:
     """A Linear layer as a linear operator."""
@@ -97,6 +105,17 @@ class LinearOperator:
     def row_norms(self):
         return self.layer.weight.norm(dim=1).view(1, -1)
 
+    def masked_row_norms(self, in_mask):
+        """Per sample, ``||W_j D_in||_2`` of every row j [B, out]: ``sqrt(in_mask (W**2)^T)``."""
+        weight = self.layer.weight
+        return torch.minimum(_root(in_mask @ (weight * weight).t()), self.row_norms())
+
+
+def _root(squares):
+    """Square root of sums of squares, with no infinite gradient where a sum is 0 (a row with no
+    varying input then reads 1e-18 instead of 0: still an upper bound)."""
+    return squares.clamp(min=1e-36).sqrt()
+
 
 OPERATORS = {nn.Conv2d: ConvOperator, nn.Linear: LinearOperator}
 
@@ -113,12 +132,16 @@ def is_affine(layer):
 
 @dataclass
 class AffineRecord:
-    """An affine layer met by the pass, with the masks around it and its global norm."""
+    """An affine layer met by the pass, with the masks around it and its global norm; with the
+    refined bound's radius refinement also the radius of the ball it received and its per-sample
+    norm, taken during the pass (``sigma``; None: taken after the pass)."""
     index: int
     op: object
     global_sigma: torch.Tensor
     in_mask: Optional[torch.Tensor] = None
     out_mask: Optional[torch.Tensor] = None
+    radius_in: Optional[torch.Tensor] = None
+    sigma: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -134,6 +157,7 @@ class BoundState:
     records: list = field(default_factory=list)
     sparsity: torch.Tensor = 0.0
     varying: dict = field(default_factory=dict)
+    pass_norms: Optional[object] = None
 
 
 @dataclass
@@ -343,17 +367,22 @@ def _smaller(a, b):
 
 
 def affine_rule(layer, index, state, options):
+    """Box of an affine layer: interval arithmetic intersected with the ball-implied box
+    ``centre_j +/- r ||W_j||`` (the refined bound's 'rows': ``||W_j D_in||``, docs/method.md §4);
+    the ball's radius grows by the layer's global norm."""
     op = make_operator(layer, state.centre.shape[1:])
     box_mid = op.affine((state.lower + state.upper) * 0.5)
     box_rad = op.absolute((state.upper - state.lower) * 0.5)
     centre = op.affine(state.centre)
-    ball_rad = state.radius.view(-1, *([1] * (centre.dim() - 1))) * op.row_norms()
+    masked_rows = 'rows' in options.settings.refines and state.mask is not None
+    rows = op.masked_row_norms(state.mask) if masked_rows else op.row_norms()
+    ball_rad = state.radius.view(-1, *([1] * (centre.dim() - 1))) * rows
     lower, upper = _BallBoxIntersection.apply(box_mid, box_rad, centre, ball_rad)
     if options.global_norms is not None:
         sigma = centre.new_tensor(options.global_norms[index])
     else:
         sigma = global_spectral_norm(op, options.settings.sniter, grad=options.settings.power_grad)
-    state.records.append(AffineRecord(index, op, sigma, in_mask=state.mask))
+    state.records.append(AffineRecord(index, op, sigma, in_mask=state.mask, radius_in=state.radius))
     return replace(state, centre=centre, radius=state.radius * sigma, lower=lower, upper=upper, mask=None)
 
 
@@ -552,12 +581,16 @@ def per_sample_eps(eps, x):
     return values
 
 
-def propagate(model, x, eps, settings=CERTIFIED, global_norms=None):
+def propagate(model, x, eps, settings=CERTIFIED, global_norms=None, *, starts=None, store_layers=None,
+              index=None):
     """Carry ball and box from the input to the penultimate layer. Returns the final BoundState.
 
     ``eps``: one L2 radius for the batch, or a tensor [B] with one per sample. The global norms
     that size the ball's box are ``global_norms`` ({affine layer index: norm}) when given, else
-    guaranteed upper bounds with guaranteed settings, else the warm power iteration."""
+    guaranteed upper bounds with guaranteed settings, else the warm power iteration.
+    With the refined bound's 'radius' refinement the per-sample norms are taken during the pass
+    (``PassNorms``): ``starts``/``store_layers`` are a store's start vectors and layers, ``index``
+    the example indices that seed guaranteed starts."""
     check_boundable(model)
     settings = _checked(settings)
     if global_norms is None and settings.guaranteed:
@@ -566,9 +599,21 @@ def propagate(model, x, eps, settings=CERTIFIED, global_norms=None):
     radius = per_sample_eps(eps, x).clone()
     shaped = radius.view(-1, *([1] * (x.dim() - 1)))
     state = BoundState(x, radius, x - shaped, x + shaped)
-    for index, layer in enumerate(list(model)[:-1]):
-        state = RULES[type(layer)](layer, index, state, options)      # check_boundable vetted every layer
-    return state
+    follow = 'radius' in settings.refines
+    if follow:
+        state.pass_norms = PassNorms(model, x, settings, starts, store_layers, index)
+    for i, layer in enumerate(list(model)[:-1]):
+        if follow and is_affine(layer):
+            state = state.pass_norms.settle(state)
+        state = RULES[type(layer)](layer, i, state, options)      # check_boundable vetted every layer
+        if follow and type(layer) in ACTIVATIONS:
+            state = state.pass_norms.settle(state)
+    return state.pass_norms.settle(state) if follow else state
+
+
+def _masked(settings):
+    """``settings`` with a local bound where they ask for the global one (masked norms wanted)."""
+    return settings.replace(bound='local') if settings.bound == 'global' else settings
 
 
 def _checked(settings):
@@ -701,21 +746,26 @@ def _store_tensors(shapes, rows, seed, dtype, device, pin_memory):
 
 # ----------------------------------------------------------------------------- Lipschitz product
 
-def lipschitz_product(state, settings, *, store=None, index=None):
+def lipschitz_product(state, settings, *, starts=None, store_layers=None):
     """Per-sample product of the estimated norms of the recorded layers, the final start vectors,
     and the norms themselves ({layer index: sigma [B]}, detached). The estimate methods only.
 
-    ``settings.bound == 'global'`` uses every layer's global norm. With a store, its layers use
-    their stored start vectors and the other layers contribute their global norm (TinyImageNet's
-    partial stores); without one, every layer starts from fresh random vectors. The per-sample
-    norms are those of ``settings.method`` (see ``spectral.masked_norm``).
+    ``settings.bound == 'global'`` uses every layer's global norm; a norm the refined pass already
+    took (``AffineRecord.sigma``) is used as it is. ``starts`` ({layer: [B, *in_shape]}) are a
+    store's start vectors; the layers not ``in store_layers`` (a store, None: no store)
+    contribute their global norm (TinyImageNet's partial stores); without a store every layer
+    starts from fresh random vectors. The per-sample norms are those of ``settings.method`` (see
+    ``spectral.masked_norm``).
     """
     batch = state.centre.size(0)
     product = torch.ones(batch, device=state.centre.device, dtype=state.centre.dtype)
-    starts = store.gather(index, state.centre.device, state.centre.dtype) if store is not None else {}
-    finals, norms = {}, {}
+    starts = starts or {}
+    finals = dict(state.pass_norms.finals) if state.pass_norms is not None else {}
+    norms = {}
     for rec in state.records:
-        if settings.bound == 'global' or (store is not None and rec.index not in store):
+        if rec.sigma is not None:
+            sigma = rec.sigma
+        elif settings.bound == 'global' or (store_layers is not None and rec.index not in store_layers):
             sigma = rec.global_sigma.expand(batch)
         else:
             u = starts.get(rec.index)
@@ -755,10 +805,10 @@ def _global_norm_bounds(model, input_shape, settings):
             for i, shape in shapes.items()}
 
 
-def fresh_starts(records, batch, index, seed, device):
-    """{layer index: standard normal start vectors [B, *in_shape]} drawn afresh: from (seed, example
-    index) when ``index`` is given (the same whatever the batch), else from ``seed`` and the row."""
-    shapes = {rec.index: rec.op.in_shape for rec in records}
+def fresh_starts(shapes, batch, index, seed, device):
+    """{layer index: standard normal start vectors [B, *in_shape]} for ``shapes`` ({layer index:
+    input shape}) drawn afresh: from (seed, example index) when ``index`` is given (the same whatever
+    the batch), else from ``seed`` and the row."""
     if index is not None:
         drawn = example_normals(shapes, torch.as_tensor(index).cpu(), seed)
     else:
@@ -768,38 +818,111 @@ def fresh_starts(records, batch, index, seed, device):
 
 
 class _GuaranteedNorms:
-    """The per-sample norms of every recorded layer for the samples still undecided: exact ones
-    (small layers) and Krylov runs advanced together to each check."""
+    """The per-sample norms of the recorded layers (``add``) for the samples still undecided: exact
+    ones (small layers) and Krylov runs advanced together to each check; ``cap`` (a layer's
+    guaranteed global norm, for the refined bound) also bounds its estimate and upper bound."""
 
-    def __init__(self, records, starts, settings, batch):
-        self.exact, self.runs = {}, {}
-        for rec in records:
-            if guaranteed.explicit_size(rec.op) <= settings.exact_below:
-                self.exact[rec.index] = guaranteed.explicit_norm_bounds(rec.op, rec.in_mask, rec.out_mask, batch)
-            else:
-                self.runs[rec.index] = guaranteed.KrylovRun(rec.op, rec.in_mask, rec.out_mask, starts[rec.index],
-                                                            dtype=torch.float32)
-        self.order = [rec.index for rec in records]
+    def __init__(self, starts, settings, batch):
+        self.starts, self.settings = starts, settings
+        self.exact, self.runs, self.caps, self.order = {}, {}, {}, []
         self.rows = torch.arange(batch)
 
+    def add(self, rec, cap=None):
+        batch = len(self.rows)
+        if guaranteed.explicit_size(rec.op) <= self.settings.exact_below:
+            self.exact[rec.index] = guaranteed.explicit_norm_bounds(rec.op, rec.in_mask, rec.out_mask, batch)
+        else:
+            self.runs[rec.index] = guaranteed.KrylovRun(rec.op, rec.in_mask, rec.out_mask, self.starts[rec.index],
+                                                        dtype=torch.float32)
+        if cap is not None:
+            self.caps[rec.index] = cap
+        self.order.append(rec.index)
+        return self
+
+    def settle(self, i, delta, rtol):
+        """Layer ``i``'s upper bounds [B], its run advanced check by check until every sample's bound
+        is within ``rtol`` of its estimate (or the last check)."""
+        for steps in guaranteed.check_steps(self.settings.sniter):
+            estimate, upper = self._bounds(i, steps, delta)
+            if i in self.exact or bool((upper <= estimate * (1 + rtol)).all()):
+                break
+        return upper
+
     def check(self, steps, delta):
-        """Advance every run to ``steps``; returns ({layer: (estimate, upper)} for the remaining rows)."""
-        out = {}
-        for i in self.order:
-            if i in self.exact:
-                value = self.exact[i][self.rows.to(self.exact[i].device)]
-                out[i] = (value, value)
-            else:
-                run = self.runs[i]
-                run.advance(steps - run.steps)
-                out[i] = run.bounds(delta)
-        return out
+        """Advance every run to ``steps`` (a run already past it stays where it is); returns
+        ({layer: (estimate, upper)} for the remaining rows)."""
+        return {i: self._bounds(i, steps, delta) for i in self.order}
+
+    def _bounds(self, i, steps, delta):
+        if i in self.exact:
+            value = self.exact[i][self.rows.to(self.exact[i].device)]
+            estimate, upper = value, value
+        else:
+            run = self.runs[i]
+            run.advance(steps - run.steps)
+            estimate, upper = run.bounds(delta)
+        cap = self.caps.get(i)
+        if cap is not None:
+            estimate, upper = estimate.clamp(max=cap), upper.clamp(max=cap)
+        return estimate, upper
 
     def keep(self, keep):
         """Drop the decided rows (``keep``: bool over the remaining rows)."""
         self.rows = self.rows[keep.cpu()]
         for run in self.runs.values():
             run.keep(keep)
+
+
+# ----------------------------------------------------------------------------- the refined bound
+
+# Guaranteed norms taken during a refined pass stop at the first check where every sample's upper
+# bound is within this of its estimate (their bound then sizes the next layers' ball).
+PASS_SETTLE_RTOL = 1e-3
+
+
+class PassNorms:
+    """The refined bound's per-sample norms, taken during the pass as soon as a layer's masks are
+    known (docs/method.md §4): the ball after layer i has radius ``radius_in * sigma_i``.
+
+    ``sigma_i`` is the estimate of ``settings.method`` (the store's start vectors, else fresh ones;
+    gradients pass as in ``lipschitz_product``) or, with guaranteed settings, an upper bound settled
+    to ``PASS_SETTLE_RTOL`` (``_GuaranteedNorms``, whose runs the certificate's checks continue);
+    each is capped by the layer's global norm, an upper bound of every masked one. Layers a partial
+    store lacks use their global norm, as in ``lipschitz_product``."""
+
+    def __init__(self, model, x, settings, starts=None, store_layers=None, index=None):
+        self.settings, self.starts, self.store_layers = settings, starts or {}, store_layers
+        self.finals = {}
+        self.guaranteed = None
+        if settings.guaranteed:
+            shapes = affine_input_shapes(model, x.shape[1:])
+            self.delta = settings.failure_prob / failure_events(settings, len(shapes))
+            self.guaranteed = _GuaranteedNorms(fresh_starts(shapes, x.size(0), index, settings.seed, x.device),
+                                               settings, x.size(0))
+
+    def settle(self, state):
+        """Take the norm of the last recorded layer if not yet taken; the ball's radius follows it."""
+        if not state.records or state.records[-1].sigma is not None:
+            return state
+        rec = state.records[-1]
+        rec.sigma = self._norm(rec, state.centre.size(0))
+        return replace(state, radius=rec.radius_in * rec.sigma)
+
+    def _norm(self, rec, batch):
+        if self.store_layers is not None and rec.index not in self.store_layers:
+            return rec.global_sigma.expand(batch)
+        if self.guaranteed is not None:
+            upper = self.guaranteed.add(rec, cap=float(rec.global_sigma)).settle(rec.index, self.delta,
+                                                                                  PASS_SETTLE_RTOL)
+            return upper.to(rec.global_sigma.dtype)
+        u = self.starts.get(rec.index)
+        if u is None:
+            u = torch.randn(batch, *rec.op.in_shape, device=rec.global_sigma.device, dtype=rec.global_sigma.dtype)
+        settings = self.settings
+        sigma, self.finals[rec.index] = masked_norm(rec.op, u, rec.in_mask, rec.out_mask, settings.sniter,
+                                                    method=settings.method, tol=settings.tol,
+                                                    grad=settings.power_grad)
+        return torch.minimum(sigma, rec.global_sigma)
 
 
 def _rows_of(state, rows):
@@ -822,8 +945,12 @@ def guaranteed_local_product(state, last, logits, y, eps, settings, index=None):
     column = None if y is None else torch.zeros_like(logits)
     checks = guaranteed.check_steps(settings.sniter)
     delta = settings.failure_prob / failure_events(settings, len(state.records))
-    runs = _GuaranteedNorms(state.records, fresh_starts(state.records, batch, index, settings.seed, device),
-                            settings, batch)
+    runs = state.pass_norms.guaranteed if state.pass_norms is not None else None
+    if runs is None:
+        shapes = {rec.index: rec.op.in_shape for rec in state.records}
+        runs = _GuaranteedNorms(fresh_starts(shapes, batch, index, settings.seed, device), settings, batch)
+        for rec in state.records:
+            runs.add(rec)
     remaining = torch.arange(batch, device=device)
     for k, steps in enumerate(checks):
         if not remaining.numel():
@@ -937,14 +1064,15 @@ def bound_outputs(model, x, y, eps, settings=CERTIFIED, *, store=None, index=Non
     """
     settings = _checked(settings)
     eps = per_sample_eps(eps, x)
-    state = propagate(model, x, eps, settings)
+    store = None if settings.guaranteed else store
+    starts = store.gather(index, x.device, x.dtype) if store is not None else None
+    state = propagate(model, x, eps, settings, starts=starts, store_layers=store, index=index)
     last = list(model)[-1]
     logits = last(state.centre)
-    if settings.guaranteed and settings.bound == 'local':
+    if settings.guaranteed and settings.bound != 'global':
         product, column, norms = guaranteed_local_product(state, last, logits, y, eps, settings, index)
     else:                       # estimates, or the product of the guaranteed global norms (no store)
-        store = None if settings.guaranteed else store
-        product, finals, norms = lipschitz_product(state, settings, store=store, index=index)
+        product, finals, norms = lipschitz_product(state, settings, starts=starts, store_layers=store)
         if store is not None and finals:
             store.scatter(index, finals)
         column = _column(last, y, state, eps * product, settings)
@@ -976,10 +1104,12 @@ def certify(model, x, y, eps, settings=CERTIFIED, *, store=None, index=None):
 @torch.no_grad()
 def local_lipschitz(model, x, eps, settings=CERTIFIED, *, index=None):
     """[B]: product of the masked spectral norms of every conv/linear layer but the last (upper
-    bounds with guaranteed settings, each within ``settings.tol``, default 1e-2, of its estimate)."""
-    settings = _checked(settings).replace(bound='local')
+    bounds with guaranteed settings, each within ``settings.tol``, default 1e-2, of its estimate):
+    the paper's local bound, or the refined one with ``settings.bound == 'refined'`` (a global
+    ``settings.bound`` reads as local)."""
+    settings = _masked(_checked(settings))
     eps = per_sample_eps(eps, x)
-    state = propagate(model, x, eps, settings)
+    state = propagate(model, x, eps, settings, index=index)
     if settings.guaranteed:
         return guaranteed_local_product(state, None, None, None, eps, settings, index)[0]
     return lipschitz_product(state, settings)[0]
@@ -995,7 +1125,7 @@ def layer_norms(model, x, eps, settings=CERTIFIED, *, precise=False, rtol=1e-6):
     for small layers, else Lanczos with full re-orthogonalisation to relative residual ``rtol``),
     for a convergence audit.
     """
-    settings = _checked(settings).replace(bound='local')
+    settings = _masked(_checked(settings))
     state = propagate(model, x, eps, settings)
     if precise:
         return {rec.index: precise_masked_norms(rec.op, rec.in_mask, rec.out_mask, rtol=rtol,

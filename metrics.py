@@ -6,7 +6,8 @@ import os
 class MetricsCSV:
     """``<prefix>_metrics.csv``: one row per finished epoch (``plots.py`` reads it).
 
-    Columns: ``METRIC_COLUMNS``, then ``varying_<i>`` (mean fraction of varying neurons at
+    Columns: ``METRIC_COLUMNS`` (``bound``: the bound of the run, local or refined, whose products
+    the ``lip_local_*`` columns hold; with --bound global they hold the local one), then ``varying_<i>`` (mean fraction of varying neurons at
     activation layer i on the test pass) for every activation layer, then ``time`` (seconds).
     Bound columns stay empty in warm-up epochs. Opening it for a run that starts at epoch k keeps
     the rows of epochs before k and drops later ones, so ``--resume`` never duplicates a row.
@@ -32,13 +33,14 @@ class MetricsCSV:
 
 
 METRIC_COLUMNS = ('epoch', 'eps', 'kappa', 'lr', 'loss', 'err', 'robust_loss', 'robust_err', 'test_eps',
-                  'test_err', 'test_cert_err', 'lip_local_median', 'lip_local_mean', 'lip_global')
+                  'test_err', 'test_cert_err', 'bound', 'lip_local_median', 'lip_local_mean', 'lip_global')
 
 
-def metrics_row(epoch, eps, kappa, lr, stats, test_eps, test_err, cert_err, test, seconds):
+def metrics_row(epoch, eps, kappa, lr, stats, test_eps, test_err, cert_err, test, seconds, bound='local'):
     """One MetricsCSV row (``test`` None in warm-up epochs: no bound columns)."""
     row = dict(epoch=epoch, eps=eps, kappa=kappa, lr=lr, loss=stats.loss, err=stats.error,
-               test_eps=test_eps, test_err=test_err, time=round(seconds, 2))
+               test_eps=test_eps, test_err=test_err, time=round(seconds, 2),
+               bound='local' if bound == 'global' else bound)
     if test is not None:
         lip = test.lipschitz.double()
         row.update(robust_loss=stats.robust_loss, robust_err=stats.robust_error, test_cert_err=cert_err,

@@ -48,12 +48,20 @@ class Run:
 
 
 def read_csv(path):
-    """``{column: float array}`` of a CSV with a header line; empty cells become NaN."""
+    """``{column: array}`` of a CSV with a header line: float arrays (empty cells become NaN),
+    string arrays for columns that hold words (e.g. ``bound``)."""
     with open(path, newline='') as f:
         reader = csv.DictReader(f)
         rows = list(reader)
         columns = reader.fieldnames or []
-    return {c: np.array([float(r[c]) if r[c] not in ('', None) else np.nan for r in rows]) for c in columns}
+    return {c: _column_array([r[c] for r in rows]) for c in columns}
+
+
+def _column_array(cells):
+    try:
+        return np.array([float(v) if v not in ('', None) else np.nan for v in cells])
+    except ValueError:
+        return np.array(cells, dtype=str)
 
 
 def load_run(prefix, name=None):
@@ -138,9 +146,21 @@ def _log_if_wide(ax, xs, ys):
             scale('log')
 
 
-def certified_fraction(radii, eps):
-    """Fraction of the examples with radius >= e, for every e in ``eps``."""
-    return (radii[None, :] >= eps[:, None]).mean(axis=1)
+def certified_fraction(radii, eps, correct=None):
+    """Fraction of the examples certified at radius e, for every e in ``eps``: correctly classified
+    with radius >= e (``correct`` None: every example is; a misclassified one has radius 0 but is
+    never certified, so at e = 0 the curve equals clean accuracy)."""
+    certified = radii[None, :] >= eps[:, None]
+    if correct is not None:
+        certified &= correct.astype(bool)[None, :]
+    return certified.mean(axis=1)
+
+
+def correct_column(radius_table):
+    """Bool array: the radius CSV's ``correct`` column, else prediction == label (older CSVs)."""
+    if 'correct' in radius_table:
+        return radius_table['correct'] > 0.5
+    return radius_table['prediction'] == radius_table['label']
 
 
 def certified_accuracy_figure(runs):
@@ -151,7 +171,8 @@ def certified_accuracy_figure(runs):
     eps = np.linspace(0.0, 1.05 * top if top > 0 else 1.0, CURVE_POINTS)
     for run in runs:
         radii = run.radius['radius']
-        ax.plot(eps, 100 * certified_fraction(radii, eps), label=f'{run.name} ({len(radii)} examples)')
+        ax.plot(eps, 100 * certified_fraction(radii, eps, correct_column(run.radius)),
+                label=f'{run.name} ({len(radii)} examples)')
     for value in sorted({run.args['epsilon'] for run in runs if 'epsilon' in run.args}):
         ax.axvline(value, color='grey', linestyle=':', linewidth=1)
         ax.annotate(f'eval eps {value:.3g}', (value, 100), xytext=(3, -12), textcoords='offset points',

@@ -6,10 +6,12 @@ paper's radii): one bound pass over the whole batch per grid point. Each example
 then [last grid point before its first failure, first failure], and the brackets of all examples
 are bisected together: at every step each example is certified at its own midpoint, in one
 batched ``certify`` call with one eps per example, so masks are
-recomputed at every probed eps. After ``steps = ceil(log2(widest grid gap / tol))`` steps the
-reported radius is certified and the upper end, ``radius + tol`` at most, is not: ``tol`` is an
-absolute tolerance in eps units. Misclassified examples get radius 0; examples still certified at
-``eps_max`` get radius ``eps_max`` (``capped``).
+recomputed at every probed eps. ``tol`` is relative to the radius: an example's bisection stops
+once its upper end (not certified) is at most ``radius * (1 + tol)``, so the reported radius is
+certified and ``(1 + tol) * radius`` is not (below ``eps_max * FLOOR`` the bracket is absolute:
+an example not certified at any positive eps stops there). Misclassified examples get radius 0
+and are certified at no radius (``correct`` False); examples still certified at ``eps_max`` get
+radius ``eps_max`` (``capped``).
 
 Monotonicity. Bisection assumes that an example certified at some eps is certified at every
 smaller eps. The grid checks this: an example certified at a grid point above its first failure
@@ -26,7 +28,8 @@ from tqdm import tqdm
 import local_bound
 from settings import CERTIFIED
 
-RADIUS_COLUMNS = ('index', 'label', 'prediction', 'radius', 'local_bound', 'local_bound_eps', 'global_bound')
+RADIUS_COLUMNS = ('index', 'label', 'prediction', 'correct', 'radius', 'bound', 'local_bound', 'local_bound_eps',
+                  'global_bound')
 
 
 def probe_grid(eps_max, grid, anchors=()):
@@ -38,12 +41,14 @@ def probe_grid(eps_max, grid, anchors=()):
     return torch.tensor(sorted(points), dtype=torch.float64)
 
 
-def bisection_steps(points, tol):
-    """Steps that shrink the widest bracket of ``points`` (starting at 0) to ``tol`` or less."""
-    if tol <= 0:
-        raise ValueError(f'tol must be positive, not {tol}')
-    widest = float(torch.diff(points, prepend=points.new_zeros(1)).max())
-    return max(0, math.ceil(math.log2(widest / tol)))
+# Brackets narrower than eps_max * FLOOR count as closed (radii near 0 have no relative precision).
+FLOOR = 1e-6
+
+
+def open_brackets(lower, upper, tol, floor):
+    """Bool: the brackets [lower, upper] still wider than ``tol`` relative to ``lower`` (and than
+    ``floor``); an infinite upper end (capped) is closed."""
+    return torch.isfinite(upper) & (upper - lower > torch.clamp(tol * lower, min=floor))
 
 
 def _certifier(model, x, y, settings, store, index):
@@ -92,14 +97,19 @@ def certified_radii(model, x, y, *, eps_max, settings=CERTIFIED, tol=1e-3, grid=
     points = probe_grid(eps_max, grid, anchors)
     everyone = torch.arange(len(y))
     table = torch.stack([certify(everyone, float(e)) for e in points], dim=1)
+    if not tol > 0:
+        raise ValueError(f'tol must be positive, not {tol}')
     lower, upper, first, monotone = _grid_brackets(table, correct, points)
-    steps = bisection_steps(points, tol)
-    searching = (correct & (first < len(points))).nonzero().squeeze(1)
-    for _ in range(steps if len(searching) else 0):
+    floor, steps = eps_max * FLOOR, 0
+    while True:
+        searching = (correct & open_brackets(lower, upper, tol, floor)).nonzero().squeeze(1)
+        if not len(searching):
+            break
         middle = (lower[searching] + upper[searching]) / 2
         ok = certify(searching, middle)
         lower[searching] = torch.where(ok, middle, lower[searching])
         upper[searching] = torch.where(ok, upper[searching], middle)
+        steps += 1
     upper = torch.where(correct, upper, torch.zeros_like(upper))
     result = {'prediction': prediction, 'correct': correct, 'radius': lower, 'upper': upper,
               'capped': correct & (first == len(points)), 'monotone': monotone,
@@ -112,13 +122,16 @@ def certified_radii(model, x, y, *, eps_max, settings=CERTIFIED, tol=1e-3, grid=
     return result
 
 
-def radius_rows(result, index, label, global_bound):
-    """CSV rows (dicts keyed by ``RADIUS_COLUMNS``) of one ``certified_radii`` result."""
+def radius_rows(result, index, label, global_bound, bound='local'):
+    """CSV rows (dicts keyed by ``RADIUS_COLUMNS``) of one ``certified_radii`` result; ``bound``
+    names the bound (local or refined) of the ``radius`` and ``local_bound*`` columns. A
+    misclassified example has radius 0 and ``correct`` 0: it is certified at no radius."""
     local_eps = result.get('local_bound_eps')
     rows = []
     for i in range(len(result['radius'])):
         rows.append({'index': int(index[i]), 'label': int(label[i]),
-                     'prediction': int(result['prediction'][i]), 'radius': float(result['radius'][i]),
+                     'prediction': int(result['prediction'][i]), 'correct': int(result['correct'][i]),
+                     'radius': float(result['radius'][i]), 'bound': bound,
                      'local_bound': float(result['local_bound'][i]),
                      'local_bound_eps': '' if local_eps is None else float(local_eps[i]),
                      'global_bound': global_bound})
@@ -151,7 +164,7 @@ def dataset_radii(model, loader, *, device, eps_max, settings=CERTIFIED, eval_ep
             global_bound = global_product(model, x.shape[1:], settings)
         result = certified_radii(model, x, y, eps_max=eps_max, settings=settings, eval_eps=eval_eps,
                                  anchors=anchors, store=store, index=index, **options)
-        rows += radius_rows(result, index, y.cpu(), global_bound)
+        rows += radius_rows(result, index, y.cpu(), global_bound, 'refined' if settings.bound == 'refined' else 'local')
         summary['examples'] += len(y)
         summary['non_monotone'] += result['non_monotone']
         summary['capped'] += int(result['capped'].sum())
@@ -167,7 +180,10 @@ def write_radius_csv(path, rows):
         writer.writerows(rows)
 
 
-def certified_accuracy_at(radii, thresholds):
-    """``{t: fraction of examples with radius >= t}`` for every threshold t."""
+def certified_accuracy_at(radii, thresholds, correct):
+    """``{t: fraction of examples certified at t}`` for every threshold t: correctly classified
+    (``correct``, bool per example) with radius >= t; at t = 0 this is the clean accuracy."""
     radii = torch.as_tensor(radii, dtype=torch.float64)
-    return {t: float((radii >= t).to(torch.float64).mean()) if len(radii) else 0.0 for t in thresholds}
+    correct = torch.as_tensor(correct, dtype=torch.bool)
+    return {t: float(((radii >= t) & correct).to(torch.float64).mean()) if len(radii) else 0.0
+            for t in thresholds}

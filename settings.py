@@ -20,7 +20,8 @@ from typing import Optional
 METHODS = ('guaranteed', 'lanczos', 'power', 'precise')
 TRANSLATIONS = ('iterative', 'exact')
 LAYOUTS = ('label', 'pairwise')
-BOUNDS = ('local', 'global')
+BOUNDS = ('local', 'refined', 'global')
+REFINEMENTS = ('rows', 'radius')
 POWER_GRADS = ('unrolled', 'final')
 
 
@@ -33,7 +34,10 @@ class BoundSettings:
     sniter: most operator applications per norm (power rounds or Lanczos steps).
     tol: the estimate methods' stopping tolerance (None: their default).
     translation / opt_iter / layout: the last-layer solver (``last_layer.py``).
-    bound: 'local' (masked norms) or 'global' (plain norms).
+    bound: 'local' (the paper's: masked norms), 'refined' (masked norms, and each layer's ball
+        sized by them; docs/method.md §4) or 'global' (plain norms).
+    refinements: with bound='refined', which of its two refinements apply: 'rows' (masked row
+        norms for the ball's box) and 'radius' (the ball's radius follows the local product).
     gloro: GloRo's extra bottom logit. sp_thres: TinyImageNet's sparsity term (None: skip).
     power_grad: how gradients pass the training power iterations ('unrolled' or 'final').
     failure_prob: with 'guaranteed', the probability that a certificate rests on a norm that is
@@ -51,6 +55,7 @@ class BoundSettings:
     opt_iter: int = 1000
     layout: str = 'label'
     bound: str = 'local'
+    refinements: tuple = REFINEMENTS
     gloro: bool = False
     sp_thres: Optional[float] = None
     power_grad: str = 'unrolled'
@@ -64,6 +69,8 @@ class BoundSettings:
                               ('bound', BOUNDS), ('power_grad', POWER_GRADS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f'{name} must be one of {allowed}, not {getattr(self, name)!r}')
+        if not self.refinements or set(self.refinements) - set(REFINEMENTS):
+            raise ValueError(f'refinements must be a non-empty subset of {REFINEMENTS}, not {self.refinements!r}')
         for name in ('sniter', 'opt_iter', 'global_steps'):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f'{name} must be at least 1, not {getattr(self, name)}')
@@ -79,17 +86,23 @@ class BoundSettings:
         """True when the certificates of these settings rest on upper bounds."""
         return self.method == 'guaranteed'
 
+    @property
+    def refines(self):
+        """The refinements in force: a subset of REFINEMENTS (empty unless bound='refined')."""
+        return frozenset(self.refinements) if self.bound == 'refined' else frozenset()
+
     def replace(self, **changes):
         """A copy with ``changes`` (validated again)."""
         return replace(self, **changes)
 
     def describe(self):
         """One line for the logs: what a certificate of these settings promises."""
+        bound = '' if self.bound == 'local' else f'{self.bound} bound, '
         if self.guaranteed:
-            return (f'guaranteed norms (upper bounds; a certificate fails with probability at most '
+            return (f'{bound}guaranteed norms (upper bounds; a certificate fails with probability at most '
                     f'{self.failure_prob:g}), {self.translation} last layer, at most {self.sniter} Lanczos '
                     'steps per norm')
-        return (f'estimate ({self.method}, {self.sniter} iterations, {self.translation} last layer): '
+        return (f'{bound}estimate ({self.method}, {self.sniter} iterations, {self.translation} last layer): '
                 'norms approach from below, no guarantee')
 
 

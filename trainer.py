@@ -315,7 +315,7 @@ def _run_epoch(net, model, train_loader, test_loader, optimizer, scheduler, stor
                 f'err {stats.error:.4f} | {line} | {time.time() - start:.1f}s')
     if metrics is not None:     # before the checkpoint: a resume rewrites this epoch's row
         metrics.append(metrics_row(epoch, eps, kappa, lr, stats, eps_next, test_err, cert_err, test,
-                                   time.time() - start))
+                                   time.time() - start, args.bound))
     if runtime.is_main and args.save:
         best_err = _save_epoch(model, optimizer, scheduler, stores, epoch, cert_err, best_err, args, logger)
     if runtime.distributed:

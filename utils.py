@@ -54,8 +54,10 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
         g.add_argument('--kappa', type=float, default=0.0)
         g.add_argument('--starting_kappa', type=float, default=1.0)
     g = p.add_argument_group('bound')
-    g.add_argument('--bound', choices=['local', 'global'], default='local',
-                   help='local: masked (local) Lipschitz bound; global: plain spectral norms (baseline)')
+    g.add_argument('--bound', choices=['local', 'refined', 'global'], default='local',
+                   help='local: the paper\'s masked (local) Lipschitz bound; refined: local with masked row '
+                        'norms and a ball that follows the local product (docs/method.md §4); global: plain '
+                        'spectral norms (baseline)')
     if training:
         g.add_argument('--sniter', type=int, default=1, help='power iterations per training step')
         g.add_argument('--opt_iter', type=int, default=1, help='clip-and-rescale iterations per training step')

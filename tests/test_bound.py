@@ -26,37 +26,14 @@ import spectral
 import utils
 from settings import AUTHORS, TRAINING
 from utils import ClampGroupSort, Flatten, ReLU_x
-
-DT = torch.float64
+from helpers import (DT, attack_margin, explicit_matrix, layer_outputs, masked_matrix, per_neuron_attack_points,
+                     random_thresholds, sample_ball, small_conv_net, small_mlp, top_singular, _seed)
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # ============================================================================ independent helpers
-
-def explicit_matrix(layer, in_shape):
-    """The bias-free layer as a dense matrix [out_dim, in_dim], column by column (basis vectors)."""
-    with torch.no_grad():
-        if isinstance(layer, nn.Linear):
-            return layer.weight.detach().clone()
-        n = math.prod(in_shape)
-        basis = torch.eye(n, dtype=layer.weight.dtype).view(n, *in_shape)
-        out = F.conv2d(basis, layer.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
-        return out.reshape(n, -1).T.contiguous()
-
-
-def top_singular(matrix):
-    return float(torch.linalg.svdvals(matrix)[0])
-
-
-def masked_matrix(matrix, in_mask=None, out_mask=None):
-    m = matrix
-    if in_mask is not None:
-        m = m * in_mask.reshape(1, -1).to(m.dtype)
-    if out_mask is not None:
-        m = m * out_mask.reshape(-1, 1).to(m.dtype)
-    return m
 
 
 def exact_translation(w, lower, upper, radius, iters=200):
@@ -181,63 +158,6 @@ def reference_worst(model, x, y, eps):
 
 # ============================================================================ small networks
 
-def _seed(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-
-
-def random_thresholds(model, low=0.2, high=1.0):
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, ReLU_x):
-                module.threshold.uniform_(low, high)
-    return model
-
-
-def small_conv_net(kind, seed=0, dtype=DT, input_shape=(2, 7, 7)):
-    """Conv(2,4,3,1,1) act Conv(4,4,4,2,1) act Flatten Linear(36,12) act Linear(12,4), on 2x7x7.
-
-    The odd input size makes the strided conv need output_padding in its adjoint.
-    """
-    _seed(seed)
-    c, h, w = input_shape
-    h2, w2 = (h + 2 - 4) // 2 + 1, (w + 2 - 4) // 2 + 1
-
-    def act(shape, k):
-        if kind == 'relux':
-            return ReLU_x(shape, 1.0)
-        if kind == 'relu':
-            return nn.ReLU()
-        half = [shape[0], shape[1] // 2, *shape[2:]]
-        return ClampGroupSort(half, *models.CIFAR_6C_MAXMIN[k])     # (.1,-.1) (.1,-.15) (.15,-.15)
-
-    model = nn.Sequential(
-        nn.Conv2d(c, 4, 3, 1, 1), act([1, 4, h, w], 0),
-        nn.Conv2d(4, 4, 4, 2, 1), act([1, 4, h2, w2], 1),
-        Flatten(), nn.Linear(4 * h2 * w2, 12), act([1, 12], 2),
-        nn.Linear(12, 4))
-    models.init_conv_weights(model)
-    random_thresholds(model)
-    return model.to(dtype)
-
-
-def small_mlp(kind, seed=0, dtype=DT, sizes=(10, 16, 12, 3)):
-    _seed(seed)
-    layers = [Flatten()]
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            n = sizes[i + 1]
-            if kind == 'relux':
-                layers.append(ReLU_x([1, n], 1.0))
-            elif kind == 'relu':
-                layers.append(nn.ReLU())
-            else:
-                layers.append(ClampGroupSort([1, n // 2], 0.3, -0.3))
-    model = nn.Sequential(*layers)
-    random_thresholds(model)
-    return model.to(dtype)
-
 
 def scaled_tiny_8c(kind, seed=0):
     """The 8C2F TinyImageNet architecture with 1/8 of the channels on 32x32 inputs."""
@@ -257,16 +177,6 @@ def code_pass(model, x, eps, sniter):
         state = lb.rule_for(layer)(layer, idx, state, options)
         trace.append((state.lower, state.upper, state.mask))
     return trace, state
-
-
-def sample_ball(x, eps, n, generator, sphere_fraction=0.3):
-    """n points per input in the closed L2 ball (a fraction exactly on the sphere): [B, n, *shape]."""
-    b, d = x.size(0), x[0].numel()
-    direction = torch.randn(b, n, d, generator=generator, dtype=x.dtype)
-    direction = direction / direction.norm(dim=-1, keepdim=True)
-    radius = torch.rand(b, n, 1, generator=generator, dtype=x.dtype) ** (1.0 / d)
-    radius[:, : int(sphere_fraction * n)] = 1.0
-    return x.unsqueeze(1) + (eps * radius * direction).view(b, n, *x.shape[1:])
 
 
 # ============================================================================ 1. masked spectral norm
@@ -685,15 +595,6 @@ def propagate_records(model, x, eps, sniter=3000):
 
 # ============================================================================ 4. masks by sampling
 
-def layer_outputs(model, z):
-    """Outputs of every layer but the last for a batch z (plain PyTorch forward)."""
-    outs = []
-    with torch.no_grad():
-        for layer in list(model)[:-1]:
-            z = layer(z)
-            outs.append(z)
-    return outs
-
 
 def directed_points(model, x, eps):
     """x +- eps * row/|row| for every neuron of the first layer (these reach the first box's ball bounds)."""
@@ -757,32 +658,6 @@ def check_points_against_pass(model, x, trace, masks, points, tol=1e-9):
                 assert not (fixed[:half] & ~(high == layer.max[0].detach()).all(0)).any(), f'MaxMin {k}: max half moves'
                 assert not (fixed[half:] & ~(low == layer.min[0].detach()).all(0)).any(), f'MaxMin {k}: min half moves'
     return n_fixed, n_varying
-
-
-def per_neuron_attack_points(model, x, eps, k, gen, steps=25, starts=2):
-    """For every neuron of layer k's output, PGD in the ball towards its max and its min: [n_points, *shape]."""
-    layers = list(model)[:-1]
-    with torch.no_grad():
-        width = layer_outputs(model, x[None])[k][0].numel()
-    target = torch.arange(width).repeat(starts)
-    found = []
-    for sign in (1.0, -1.0):
-        delta = sample_ball(x[None], eps, len(target), gen)[0] - x
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            z = x + delta
-            for layer in layers[:k + 1]:
-                z = layer(z)
-            value = sign * z.flatten(1).gather(1, target[:, None]).sum()
-            grad, = torch.autograd.grad(value, delta)
-            with torch.no_grad():
-                flat = grad.flatten(1)
-                step = (flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)).view_as(delta)
-                delta = delta + eps / 5 * step
-                norm = delta.flatten(1).norm(dim=1).view(-1, *([1] * (delta.dim() - 1)))
-                delta = delta * torch.clamp(eps / norm.clamp_min(1e-30), max=1.0)
-            found.append(x + delta.detach())
-    return torch.cat(found)
 
 
 def mask_test_net(net):
@@ -882,26 +757,6 @@ def test_worst_case_logits_bound_sampled_and_attacked_margins(kind):
                 continue
             best = attack_margin(model, x[b], int(y[b]), j, eps, gen)
             assert best <= float(bound[b, j]) + 1e-5, f'attacked margin {best} > bound {float(bound[b, j])}'
-
-
-def attack_margin(model, x, y, j, eps, gen, steps=40, starts=4):
-    delta = sample_ball(x[None], eps, starts, gen)[0] - x
-    best = -float('inf')
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        z = model(x + delta)
-        margin = z[:, j] - z[:, y]
-        best = max(best, float(margin.detach().max()))
-        grad, = torch.autograd.grad(margin.sum(), delta)
-        with torch.no_grad():
-            g = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
-            delta = delta + eps / 8 * g
-            norm = delta.flatten(1).norm(dim=1).view(-1, *([1] * (delta.dim() - 1)))
-            delta = delta * torch.clamp(eps / norm.clamp_min(1e-12), max=1.0)
-    with torch.no_grad():
-        z = model(x + delta)
-        best = max(best, float((z[:, j] - z[:, y]).max()))
-    return best
 
 
 def synthetic_problem(n_per_class=20, classes=3, seed=40):

@@ -60,8 +60,9 @@ def searched(trained):
 def test_bisection_bracket_matches_certify(trained, searched):
     model, x, y = trained
     out, store, index = searched
-    assert out['steps'] == 8                       # widest gap 0.25 down to 1e-3
-    assert ((out['upper'] - out['radius']) <= TOL).all()
+    closed = out['upper'] - out['radius'] <= torch.clamp(TOL * out['radius'], min=2.0 * radius.FLOOR)
+    assert (closed | out['capped'] | ~out['correct']).all()       # relative to the radius
+    assert (out['upper'][out['correct'] & ~out['capped']] > out['radius'][out['correct'] & ~out['capped']]).all()
     checked = (out['monotone'] & out['correct'] & ~out['capped'] & (out['radius'] > 100 * TOL)).nonzero()
     assert len(checked) >= 10
     for i in checked.squeeze(1).tolist():
@@ -79,10 +80,21 @@ def test_anchor_thresholds_agree_with_certify(trained, searched):
     out, store, index = searched
     assert out['non_monotone'] == 0
     certified = local_bound.certify(model, x, y, ANCHOR, SETTINGS, store=store, index=index)
-    accuracy = radius.certified_accuracy_at(out['radius'], [ANCHOR, 0.0, 2.0])
+    accuracy = radius.certified_accuracy_at(out['radius'], [ANCHOR, 0.0, 2.0], out['correct'])
     assert accuracy[ANCHOR] == pytest.approx(certified.double().mean().item())
     assert 0 < accuracy[ANCHOR] < 1                # the anchor splits the examples
-    assert accuracy[0.0] == 1.0 and accuracy[2.0] == 0.0
+    assert accuracy[0.0] == pytest.approx(out['correct'].double().mean().item())   # clean accuracy
+    assert accuracy[2.0] == 0.0
+
+
+def test_radius_zero_counts_as_clean_accuracy_not_as_certified():
+    radii, correct = [0.0, 0.0, 0.3, 0.5], [False, True, True, False]
+    accuracy = radius.certified_accuracy_at(radii, [0.0, 0.2, 0.4], correct)
+    assert accuracy == {0.0: 0.5, 0.2: 0.25, 0.4: 0.0}
+    import numpy as np
+    import plots
+    curve = plots.certified_fraction(np.array(radii), np.array([0.0, 0.2, 0.4]), np.array(correct))
+    assert curve.tolist() == [0.5, 0.25, 0.0]
 
 
 def test_misclassified_get_radius_zero_and_capped_get_eps_max(trained):
@@ -115,7 +127,7 @@ def test_dataset_radii_writes_the_csv(trained, tmp_path):
     loader = DataLoader(TensorDataset(x[:5], y[:5], torch.arange(5)), batch_size=3)
     rows, summary = radius.dataset_radii(model, loader, device='cpu', eps_max=1.0, eval_eps=0.1, grid=2,
                                          tol=0.1, progress=False, settings=SETTINGS)
-    assert summary['examples'] == 5 and summary['steps'] == 3
+    assert summary['examples'] == 5 and summary['steps'] >= 1
     path = tmp_path / 'run_radius.csv'
     radius.write_radius_csv(path, rows)
     with open(path) as f:
@@ -126,4 +138,5 @@ def test_dataset_radii_writes_the_csv(trained, tmp_path):
     for r in read:
         assert float(r['global_bound']) == pytest.approx(glob, rel=1e-3)
         assert 0 < float(r['local_bound_eps']) <= glob * 1.001
-        assert float(r['radius']) >= 0
+        assert float(r['radius']) >= 0 and r['bound'] == 'local'
+        assert int(r['correct']) == int(int(r['prediction']) == int(r['label']))

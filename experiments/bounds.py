@@ -1,0 +1,183 @@
+"""The paper's point on real images: the same network trained with the global, the local and the
+refined bound (same data, seeds and budget), each certified with each bound.
+
+    python experiments/bounds.py --data mnist --out runs/bounds_mnist
+    python experiments/bounds.py --data cifar10 --out runs/bounds_cifar10
+
+MNIST: the first ``--train`` digits of ``--data_dir`` (default ``../shared/data/mnist-mini``, a
+folder torchvision's MNIST reads; ``samples/mnist`` works too) train and the first ``--test``
+test digits are certified. CIFAR-10: ``--subset``, an .npz of real CIFAR-10 *training* images
+(uint8 ``x`` [N, 3, 32, 32], ``y``), is split: the first ``--train`` images train, the last
+``--test`` are held out and certified; its figures are not the paper's (a few thousand images,
+minutes of training).
+
+Per training bound B it writes ``OUT/pretrained/B_<model>_*`` (log, metrics CSV, checkpoints);
+per certification bound C the radius CSV ``OUT/B-trained_C-certified_radius.csv`` (guaranteed
+norms, ``radius.dataset_radii``); then ``OUT/summary.md`` (certified accuracy at ``--eps`` of
+every pair, and the median refined / local bound ratio) and the figures of ``plots.py`` in
+``OUT/figures``. Interrupted, it starts again where it stopped (finished files are kept).
+"""
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Subset, TensorDataset  # noqa: E402
+
+import checkpoints  # noqa: E402
+import data_load  # noqa: E402
+import plots  # noqa: E402
+import radius  # noqa: E402
+import trainer  # noqa: E402
+import utils  # noqa: E402
+from settings import CERTIFIED  # noqa: E402
+
+BOUNDS = ('global', 'local', 'refined')
+RECIPES = {   # per data set: model, eps, and the training flags (the README's quick recipe for MNIST)
+    'mnist': dict(model='relux', eps=1.58, flags=[
+        '--gloro', '--sniter', '2', '--opt_iter', '2', '--epsilon_train', '1.75', '--batch_size', '64',
+        '--rampup', '3', '--warmup', '0']),
+    'cifar10': dict(model='c6f2_relux', eps=36 / 255, flags=[
+        '--sniter', '2', '--opt_iter', '2', '--epsilon_train', '0.1551', '--batch_size', '128',
+        '--rampup', '3', '--warmup', '1', '--lr', '1e-3', '--end_lr', '1e-4']),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data', choices=sorted(RECIPES), required=True)
+    p.add_argument('--data_dir', default=str(ROOT.parent / 'shared' / 'data' / 'mnist-mini'))
+    p.add_argument('--subset', default=str(ROOT.parent / 'shared' / 'data' / 'cifar10-subset' /
+                                           'cifar10_train_subset.npz'))
+    p.add_argument('--train', type=int, default=None, help='training images (default 4000)')
+    p.add_argument('--test', type=int, default=100, help='held-out images certified')
+    p.add_argument('--epochs', type=int, default=None, help='training epochs (default: 5 MNIST, 4 CIFAR)')
+    p.add_argument('--eps', type=float, default=None, help='evaluation eps (default: the paper\'s)')
+    p.add_argument('--bounds', nargs='+', choices=BOUNDS, default=list(BOUNDS), help='training bounds')
+    p.add_argument('--radius_tol', type=float, default=0.1, help='relative tolerance of the radius search')
+    p.add_argument('--grid', type=int, default=6, help='grid points of the radius search up to 3 x eps')
+    p.add_argument('--sniter', type=int, default=2000, help='most Lanczos steps per guaranteed norm')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
+    p.add_argument('--out', required=True)
+    args = p.parse_args(argv)
+    recipe = RECIPES[args.data]
+    args.model = recipe['model']
+    args.eps = recipe['eps'] if args.eps is None else args.eps
+    args.train = args.train or 4000
+    args.epochs = args.epochs or (5 if args.data == 'mnist' else 4)
+    return args
+
+
+def datasets(args):
+    """(train set, test set) of real images, as the README describes."""
+    if args.data == 'mnist':
+        train_set, test_set = data_load.build_datasets('mnist', args.data_dir, download=False)
+        return Subset(train_set, range(min(args.train, len(train_set)))), Subset(test_set, range(args.test))
+    arrays = np.load(args.subset)
+    x = torch.from_numpy(arrays['x']).float().div(255)
+    y = torch.from_numpy(arrays['y']).long()
+    if args.train + args.test > len(y):
+        raise SystemExit(f'error: the subset holds {len(y)} images, fewer than --train + --test')
+    return TensorDataset(x[:args.train], y[:args.train]), TensorDataset(x[-args.test:], y[-args.test:])
+
+
+def train(args, bound, train_set, test_set):
+    """Train with ``bound`` (skipped when its best checkpoint exists); the checkpoint prefix."""
+    prefix = Path(args.out) / 'pretrained' / f'{bound}_{args.model}'
+    if Path(f'{prefix}_best.pth').exists():
+        return prefix
+    argv = RECIPES[args.data]['flags'] + [
+        '--bound', bound, '--epochs', str(args.epochs), '--epsilon', str(args.eps), '--prefix', bound,
+        '--test_sniter', '50', '--test_opt_iter', '50', '--niter', '10', '--workers', '0', '--verbose', '0',
+        '--device', 'cpu', '--seed', str(args.seed)]
+    parse = functools.partial(utils.argparser, argv=argv, data=args.data, model=args.model, epsilon=args.eps)
+    cwd = os.getcwd()
+    os.chdir(args.out)
+    try:
+        torch.manual_seed(args.seed)
+        trainer.main(parse, train_set, test_set)
+    finally:
+        os.chdir(cwd)
+    return prefix
+
+
+def certify(args, prefix, bound, test_set):
+    """Radius CSV of the checkpoint ``prefix`` with the guaranteed ``bound``; (rows, seconds)."""
+    path = Path(args.out) / f'{prefix.name.split("_")[0]}-trained_{bound}-certified_radius.csv'
+    model, _ = checkpoints.load_model(f'{prefix}_best.pth', args.data, args.model)
+    model.eval()
+    settings = CERTIFIED.replace(bound=bound, sniter=args.sniter, seed=args.seed)
+    loader = DataLoader(IndexedSet(test_set), batch_size=100, shuffle=False)
+    start = time.time()
+    rows, _ = radius.dataset_radii(model, loader, device='cpu', eps_max=3 * args.eps, settings=settings,
+                                   eval_eps=args.eps, anchors=data_load.dataset(args.data).paper_radii,
+                                   tol=args.radius_tol, grid=args.grid)
+    radius.write_radius_csv(path, rows)
+    with open(path.with_name(path.name.replace('_radius.csv', '_args.json')), 'w') as f:
+        json.dump({'epsilon': args.eps, 'data': args.data, 'model': args.model, 'bound': bound}, f)
+    return rows, time.time() - start
+
+
+class IndexedSet(torch.utils.data.Dataset):
+    """(x, y, index) items of a data set of (x, y) (what ``radius.dataset_radii`` reads)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return x, int(y), i
+
+
+def summary_lines(args, table):
+    """Markdown: certified accuracy at eps of every (training, certification) pair."""
+    lines = [f'# {args.data}: {args.model}, {args.epochs} epochs on {args.train} images, '
+             f'{args.test} held-out images, eps {args.eps:.4f}', '',
+             '| trained with | certified with | clean acc | certified acc at eps | median bound at eps | '
+             'certification time |', '|---|---|---|---|---|---|']
+    for (trained, certified), (rows, seconds) in table.items():
+        correct = np.array([r['correct'] for r in rows], dtype=bool)
+        radii = np.array([r['radius'] for r in rows])
+        bound = np.median([r['local_bound_eps'] for r in rows]) if certified != 'global' else rows[0]['global_bound']
+        lines.append(f'| {trained} | {certified} | {correct.mean():.3f} | {(correct & (radii >= args.eps)).mean():.3f} '
+                     f'| {bound:.4g} | {seconds:.0f} s |')
+    return lines
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    train_set, test_set = datasets(args)
+    table = {}
+    for trained in args.bounds:
+        prefix = train(args, trained, train_set, test_set)
+        for certified in BOUNDS:
+            table[trained, certified] = certify(args, prefix, certified, test_set)
+            print(summary_lines(args, {(trained, certified): table[trained, certified]})[-1], flush=True)
+    lines = summary_lines(args, table)
+    Path(args.out, 'summary.md').write_text('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+    runs = [plots.load_run(str(Path(args.out) / 'pretrained' / f'{b}_{args.model}'), f'{b}-trained')
+            for b in args.bounds]
+    runs += [plots.load_run(str(Path(args.out) / f'{t}-trained_{c}-certified'), f'{t}-trained, {c} bound')
+             for t, c in table if c in (t, 'refined')]         # each with its own bound, and the refined one
+    written, _ = plots.make_figures(runs, str(Path(args.out) / 'figures'))
+    print('figures:', ', '.join(written))
+
+
+if __name__ == '__main__':
+    main()
