@@ -9,32 +9,22 @@ import math
 import torch
 import torch.nn.functional as F
 
-NORMS = {'2': 2, '2.0': 2, 'l2': 2, 'inf': math.inf, 'linf': math.inf}
+import norms
+from norms import batch_norms
+
 RANDOM_STARTS = (None, 'uniform', 'normal', 'image')
 ORDERS = ('project_clip', 'clip_project')
 
 
 def parse_norm(norm):
-    """2 or math.inf from 2, 'inf', float('inf'), '2', 'l2', 'linf'."""
-    if isinstance(norm, str):
-        if norm.lower() not in NORMS:
-            raise ValueError(f"norm must be 2 or 'inf', not {norm!r}")
-        return NORMS[norm.lower()]
-    if norm in (2, math.inf):
-        return 2 if norm == 2 else math.inf
-    raise ValueError(f"norm must be 2 or 'inf', not {norm!r}")
+    """2.0 or math.inf from 2, 'inf', float('inf'), '2', 'l2', 'linf' (``norms.order``: the attacks
+    work in L2 and L-infinity)."""
+    return norms.order(norm, allowed=(2.0, math.inf))
 
 
 def _per_sample(values, like):
     """Per-sample ``values`` [B] shaped to broadcast against ``like``."""
     return values.view(-1, *([1] * (like.dim() - 1)))
-
-
-def batch_norms(t, norm):
-    """Per-sample L2 or L-infinity norm of ``t``, shaped to broadcast against it."""
-    flat = t.flatten(1)
-    values = flat.norm(dim=1) if norm == 2 else flat.abs().amax(dim=1)
-    return _per_sample(values, t)
 
 
 def project(delta, eps, norm):

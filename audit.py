@@ -27,7 +27,6 @@ import evaluation
 import local_bound
 import ranks
 import utils
-from spectral import precise_global_norm
 
 
 # ----------------------------------------------------------------------------- convergence
@@ -44,14 +43,6 @@ class ConvergenceReport:
         return [f'audit: {self.certified} reported certificates re-checked with converged float64 norms; '
                 f'global norms of the pass {self.global_underestimate:.3e} below converged ones',
                 f'audit: {self.flipped} of {self.certified} certificates do not hold with converged norms']
-
-
-def converged_global_norms(model, input_shape):
-    """{affine layer index: float64 norm converged to 1e-6} (``spectral.precise_global_norm``)."""
-    shapes = local_bound.affine_input_shapes(model, input_shape)
-    layers = list(model)
-    return {i: float(precise_global_norm(local_bound.make_operator(layers[i], shape))[0])
-            for i, shape in shapes.items()}
 
 
 def global_underestimate(pass_norms, converged):
@@ -86,7 +77,7 @@ def convergence_audit(model, loader, args, runtime, eps, reported, rtol=1e-6):
             continue
         xs, ys = x[keep].to(runtime.device), y[keep].to(runtime.device)
         if converged is None:
-            converged = converged_global_norms(model, xs.shape[1:])
+            converged = local_bound.precise_global_norms(model, xs.shape[1:])
             report.global_underestimate = global_underestimate(reported.global_norms, converged)
             widened = eps * (1.0 + report.global_underestimate)
         precise_settings = settings.replace(method='precise', translation='exact', tol=rtol, gloro=False)
@@ -94,9 +85,9 @@ def convergence_audit(model, loader, args, runtime, eps, reported, rtol=1e-6):
         product, _, _ = local_bound.lipschitz_product(state, precise_settings)
         last = list(model)[-1]
         logits = last(state.centre)
-        column = local_bound._column(last, ys, state, local_bound.per_sample_eps(widened, xs) * product,
+        column = local_bound.worst_case_column(last, ys, state, local_bound.per_sample_eps(widened, xs) * product,
                                      precise_settings)
-        holds = local_bound._decides(logits, ys, column)
+        holds = local_bound.certifies_with(logits, ys, column)
         report.certified += len(ys)
         report.flipped += int((~holds).sum())
         report.checked += [int(i) for i in torch.as_tensor(index)[keep]]

@@ -69,10 +69,11 @@ def load_lolip(path, data, device):
 
 
 def test_batches(data, data_dir, limit, batch_size):
-    """The first ``limit`` test images of ``data`` in [0, 1] (no normalisation), in order."""
+    """The first ``limit`` test images of ``data`` in [0, 1] (no normalisation), in order, as
+    ``(x, y, index)`` batches like every loader of the project."""
     _, test_set = data_load.build_datasets(data, data_dir, augmentation=False, normalization=False,
                                            download=False)
-    subset = loaders.limited(test_set, limit)
+    subset = data_load.IndexedDataset(loaders.limited(test_set, limit))
     return list(torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False))
 
 
@@ -89,7 +90,7 @@ def evaluate(model, batches, eps, args, certifiable):
     """The row's numbers for one model (sums over batches, then means)."""
     sums = dict(clean=0, pgd=0, certified=0, lip_max=0.0, lip_as_published=0.0, local_bound=0.0,
                 ratio_bound=0.0, count=0)
-    for x, y in batches:
+    for x, y, _ in batches:
         x, y = x.to(args.device), y.to(args.device)
         box = eps / math.sqrt(x[0].numel())
         torch.manual_seed(args.seed)
@@ -159,7 +160,7 @@ def parser():
                    help='norms of the certificates: guaranteed upper bounds (default) or an estimate '
                         '(lanczos; power = the authors\' procedure)')
     p.add_argument('--bound', choices=('local', 'refined'), default='local',
-                   help='the certified side\'s bound (docs/method.md §4)')
+                   help='the certified side\'s bound (docs/method.md §7)')
     p.add_argument('--failure_prob', type=float, default=1e-9, help='guaranteed: failure probability per certificate')
     p.add_argument('--sniter', type=int, default=2000, help='most iterations per norm of the bound')
     p.add_argument('--opt_iter', type=int, default=1000, help='iterations of the last-layer step (power)')
@@ -191,7 +192,7 @@ def main(argv=None):
                          **evaluate(model, batches, args.eps, args, certifiable=False)})
     except (CompareError, checkpoints.CheckpointError, data_load.DataNotFoundError) as error:
         utils.exit_user_error(error)
-    text = write_outputs(rows, args, sum(len(y) for _, y in batches))
+    text = write_outputs(rows, args, sum(len(y) for _, y, _ in batches))
     print(text + f'written: {args.out}.md, {args.out}.csv')
     return rows
 

@@ -30,21 +30,12 @@ import torch
 from tqdm import tqdm
 
 import local_bound
+import norms
 from settings import CERTIFIED
 
 START_NOISE = 0.001
 DENOMINATOR_SHIFT = 1e-6
 MAX_ENUMERATED_CLASSES = 16
-
-
-def norm_order(norm):
-    """The p of ``norm`` ('inf', 2, '2', 1 or '1') as a float for ``torch.linalg.vector_norm``."""
-    orders = {'inf': math.inf, 2: 2.0, '2': 2.0, 1: 1.0, '1': 1.0}
-    if isinstance(norm, float) and math.isinf(norm):
-        return math.inf
-    if norm not in orders:
-        raise ValueError(f"norm must be 'inf', 2 or 1, not {norm!r}")
-    return orders[norm]
 
 
 def lipschitz_ratio(logits, adv_logits, x, adv, p):
@@ -79,7 +70,7 @@ def local_lipschitzness(model, x, eps, *, norm='inf', steps=10, step=0.003, as_p
     docstring). The model is put in eval mode for the search and left in the mode it came in.
     Parameters receive no gradient. Uses the global torch RNG for the start.
     """
-    p = norm_order(norm)
+    p = norms.order(norm)
     was_training = model.training
     model.eval()
     try:
@@ -168,7 +159,7 @@ def certified_ratio_bound(model, x, eps, settings=CERTIFIED, *, norm='inf', inde
     change of order 1e-6 / |x - x'|). With guaranteed ``settings`` (the default) ``L_local`` is an
     upper bound; with an estimate preset it is trusted to have converged.
     """
-    p = norm_order(norm)
+    p = norms.order(norm)
     dims = x[0].numel()
     local = local_bound.local_lipschitz(model, x, eps * math.sqrt(dims), settings, index=index)
     scale = math.sqrt(dims) if math.isinf(p) else 1.0

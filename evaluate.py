@@ -9,6 +9,7 @@ import audit
 import data_load
 import empirical
 import evaluation
+import norms
 import radius
 import ranks
 import utils
@@ -124,7 +125,7 @@ def run_radius(model, loader, args, runtime, logger, starts=None):
 def run_empirical_lip(model, loader, args, runtime, logger):
     """Mean empirical local Lipschitzness over the test set, both directions; writes the CSV."""
     eps = args.lip_eps if args.lip_eps is not None else data_load.dataset(args.data).lip_eps
-    norm = args.lip_norm if args.lip_norm == 'inf' else int(args.lip_norm)
+    norm = norms.order(args.lip_norm)
     result = empirical.dataset_lipschitzness(model, loader, eps, norm=norm, device=runtime.device,
                                              certified=evaluation.bound_settings(args, training=False),
                                              progress=runtime.is_main)

@@ -114,8 +114,7 @@ def evaluate_certified(model, loader, args, runtime, eps, store=None):
     layers = sorted(varying)
     # an upper bound (guaranteed global norms), so that local <= global holds in the log; computed
     # once, on the main process, and only when a batch gave the input shape
-    global_product = (math.prod(local_bound.guaranteed_global_norms(model, input_shape,
-                                                                    global_norm_settings(args)).values())
+    global_product = (local_bound.global_product(model, input_shape, global_norm_settings(args))
                       if runtime.is_main and input_shape is not None else 0.0)
     wrong, uncertified, loss, total, global_product, *sums = runtime.sum(
         [wrong, uncertified, loss, total, global_product] + [varying[k] for k in layers])

@@ -7,6 +7,7 @@ layer is estimated per sample (``spectral.py``: power iteration or Lanczos) and 
 the local Lipschitz bound. The last Linear layer turns ball and box into worst-case logits
 (``last_layer.py``: the BCP translation, iterative or exact).
 """
+import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -187,23 +188,28 @@ def _indicator(compare, a, b):
     return compare(a, b, out=torch.empty_like(a))
 
 
-_compiled = {}             # kernel -> its torch.compile'd version
-_use_compiled = False
+_compiled = {}             # kernel -> its torch.compile'd version (a cache: values are the same)
+_compiling = [False]       # set only inside ``compiled_kernels``
 
 
-def use_compiled_kernels(flag=True):
-    """Run the elementwise kernels of the bound pass through ``torch.compile`` (fused loops).
+@contextlib.contextmanager
+def compiled_kernels(enabled=True):
+    """Within this block, run the elementwise kernels of the bound pass through ``torch.compile``
+    (fused loops); the previous mode comes back on exit, exception or not.
 
     Same values; the first calls pay the compilation (about a minute per kernel on a small CPU).
     """
-    global _use_compiled
-    _use_compiled = bool(flag)
+    previous, _compiling[0] = _compiling[0], bool(enabled)
+    try:
+        yield
+    finally:
+        _compiling[0] = previous
 
 
 def _kernel(fn):
-    """``fn`` eagerly, or compiled once ``use_compiled_kernels(True)`` was called."""
+    """``fn`` eagerly, or compiled inside a ``compiled_kernels()`` block."""
     def run(*args):
-        if not _use_compiled:
+        if not _compiling[0]:
             return fn(*args)
         compiled = _compiled.get(fn)
         if compiled is None:
@@ -368,7 +374,7 @@ def _smaller(a, b):
 
 def affine_rule(layer, index, state, options):
     """Box of an affine layer: interval arithmetic intersected with the ball-implied box
-    ``centre_j +/- r ||W_j||`` (the refined bound's 'rows': ``||W_j D_in||``, docs/method.md §4);
+    ``centre_j +/- r ||W_j||`` (the refined bound's 'rows': ``||W_j D_in||``, docs/method.md §7);
     the ball's radius grows by the layer's global norm."""
     op = make_operator(layer, state.centre.shape[1:])
     box_mid = op.affine((state.lower + state.upper) * 0.5)
@@ -582,15 +588,17 @@ def per_sample_eps(eps, x):
 
 
 def propagate(model, x, eps, settings=CERTIFIED, global_norms=None, *, starts=None, store_layers=None,
-              index=None):
+              steps=None):
     """Carry ball and box from the input to the penultimate layer. Returns the final BoundState.
 
     ``eps``: one L2 radius for the batch, or a tensor [B] with one per sample. The global norms
     that size the ball's box are ``global_norms`` ({affine layer index: norm}) when given, else
     guaranteed upper bounds with guaranteed settings, else the warm power iteration.
     With the refined bound's 'radius' refinement the per-sample norms are taken during the pass
-    (``PassNorms``): ``starts``/``store_layers`` are a store's start vectors and layers, ``index``
-    the example indices that seed guaranteed starts."""
+    (``PassNorms``): ``starts`` are their start vectors ({layer: [B, *in_shape]}: a store's, or
+    with guaranteed settings fresh ones, by default seeded by ``settings.seed`` and the row),
+    ``store_layers`` a store's layers and ``steps`` the Lanczos steps of every guaranteed norm
+    (default ``settings.sniter``)."""
     check_boundable(model)
     settings = _checked(settings)
     if global_norms is None and settings.guaranteed:
@@ -601,7 +609,9 @@ def propagate(model, x, eps, settings=CERTIFIED, global_norms=None, *, starts=No
     state = BoundState(x, radius, x - shaped, x + shaped)
     follow = 'radius' in settings.refines
     if follow:
-        state.pass_norms = PassNorms(model, x, settings, starts, store_layers, index)
+        if settings.guaranteed and starts is None:
+            starts = fresh_starts(affine_input_shapes(model, x.shape[1:]), x.size(0), None, settings.seed, x.device)
+        state.pass_norms = PassNorms(settings, x.size(0), starts, store_layers, steps)
     for i, layer in enumerate(list(model)[:-1]):
         if follow and is_affine(layer):
             state = state.pass_norms.settle(state)
@@ -609,6 +619,11 @@ def propagate(model, x, eps, settings=CERTIFIED, global_norms=None, *, starts=No
         if follow and type(layer) in ACTIVATIONS:
             state = state.pass_norms.settle(state)
     return state.pass_norms.settle(state) if follow else state
+
+
+def _guaranteed_refined(settings):
+    """True when the per-sample norms are guaranteed and taken during the pass (refined 'radius')."""
+    return settings.guaranteed and 'radius' in settings.refines
 
 
 def _masked(settings):
@@ -839,21 +854,12 @@ class _GuaranteedNorms:
         self.order.append(rec.index)
         return self
 
-    def settle(self, i, delta, rtol):
-        """Layer ``i``'s upper bounds [B], its run advanced check by check until every sample's bound
-        is within ``rtol`` of its estimate (or the last check)."""
-        for steps in guaranteed.check_steps(self.settings.sniter):
-            estimate, upper = self._bounds(i, steps, delta)
-            if i in self.exact or bool((upper <= estimate * (1 + rtol)).all()):
-                break
-        return upper
-
     def check(self, steps, delta):
-        """Advance every run to ``steps`` (a run already past it stays where it is); returns
-        ({layer: (estimate, upper)} for the remaining rows)."""
-        return {i: self._bounds(i, steps, delta) for i in self.order}
+        """Advance every run to ``steps``; returns ({layer: (estimate, upper)} for the remaining rows)."""
+        return {i: self.check_one(i, steps, delta) for i in self.order}
 
-    def _bounds(self, i, steps, delta):
+    def check_one(self, i, steps, delta):
+        """Layer ``i``'s run advanced to ``steps``: (estimate, upper bound) of the remaining rows."""
         if i in self.exact:
             value = self.exact[i][self.rows.to(self.exact[i].device)]
             estimate, upper = value, value
@@ -875,30 +881,23 @@ class _GuaranteedNorms:
 
 # ----------------------------------------------------------------------------- the refined bound
 
-# Guaranteed norms taken during a refined pass stop at the first check where every sample's upper
-# bound is within this of its estimate (their bound then sizes the next layers' ball).
-PASS_SETTLE_RTOL = 1e-3
-
-
 class PassNorms:
     """The refined bound's per-sample norms, taken during the pass as soon as a layer's masks are
-    known (docs/method.md §4): the ball after layer i has radius ``radius_in * sigma_i``.
+    known (docs/method.md §7): the ball after layer i has radius ``radius_in * sigma_i``.
 
     ``sigma_i`` is the estimate of ``settings.method`` (the store's start vectors, else fresh ones;
-    gradients pass as in ``lipschitz_product``) or, with guaranteed settings, an upper bound settled
-    to ``PASS_SETTLE_RTOL`` (``_GuaranteedNorms``, whose runs the certificate's checks continue);
-    each is capped by the layer's global norm, an upper bound of every masked one. Layers a partial
-    store lacks use their global norm, as in ``lipschitz_product``."""
+    gradients pass as in ``lipschitz_product``) or, with guaranteed settings, the upper bound after
+    ``steps`` Lanczos steps from the given fresh ``starts`` (``estimates`` keeps the matching
+    estimates); each is capped by the layer's global norm, an upper bound of every masked one.
+    Layers a partial store lacks use their global norm, as in ``lipschitz_product``."""
 
-    def __init__(self, model, x, settings, starts=None, store_layers=None, index=None):
+    def __init__(self, settings, batch, starts=None, store_layers=None, steps=None):
         self.settings, self.starts, self.store_layers = settings, starts or {}, store_layers
-        self.finals = {}
+        self.finals, self.estimates = {}, {}
         self.guaranteed = None
         if settings.guaranteed:
-            shapes = affine_input_shapes(model, x.shape[1:])
-            self.delta = settings.failure_prob / failure_events(settings, len(shapes))
-            self.guaranteed = _GuaranteedNorms(fresh_starts(shapes, x.size(0), index, settings.seed, x.device),
-                                               settings, x.size(0))
+            self.steps = settings.sniter if steps is None else steps
+            self.guaranteed = _GuaranteedNorms(starts, settings, batch)
 
     def settle(self, state):
         """Take the norm of the last recorded layer if not yet taken; the ball's radius follows it."""
@@ -912,8 +911,10 @@ class PassNorms:
         if self.store_layers is not None and rec.index not in self.store_layers:
             return rec.global_sigma.expand(batch)
         if self.guaranteed is not None:
-            upper = self.guaranteed.add(rec, cap=float(rec.global_sigma)).settle(rec.index, self.delta,
-                                                                                  PASS_SETTLE_RTOL)
+            delta = self.settings.failure_prob / failure_events(self.settings, len(self.starts))
+            estimate, upper = self.guaranteed.add(rec, cap=float(rec.global_sigma)).check_one(rec.index, self.steps,
+                                                                                            delta)
+            self.estimates[rec.index] = estimate
             return upper.to(rec.global_sigma.dtype)
         u = self.starts.get(rec.index)
         if u is None:
@@ -923,6 +924,68 @@ class PassNorms:
                                                     method=settings.method, tol=settings.tol,
                                                     grad=settings.power_grad)
         return torch.minimum(sigma, rec.global_sigma)
+
+
+def guaranteed_refined_product(model, x, y, eps, settings, index=None):
+    """Guaranteed refined products and label columns, decided round by round.
+
+    Round k runs the whole refined pass with every per-sample norm the upper bound after
+    ``check_steps(settings.sniter)[k]`` Lanczos steps (fresh starts seeded by ``settings.seed`` and
+    the example ``index``, the same in every round), for the samples still undecided. A sample stops
+    once the upper bounds certify it, or once the estimates of its round do not, else at the last
+    round; ``y`` None: once its product's bound is within ``settings.tol`` (default 1e-2) of its
+    estimate. Every bound is one check of one norm, so the failure budget is that of
+    ``guaranteed_local_product``. Returns (product [B], label column or None, norms, the
+    BoundState of every sample's deciding round, assembled)."""
+    batch, device = x.size(0), x.device
+    last = list(model)[-1]
+    shapes = affine_input_shapes(model, x.shape[1:])
+    starts = fresh_starts(shapes, batch, index, settings.seed, device)
+    global_norms = _global_norm_bounds(model, x.shape[1:], settings)
+    checks = guaranteed.check_steps(settings.sniter)
+    product = torch.zeros(batch, dtype=x.dtype, device=device)
+    norms = {i: torch.zeros(batch, dtype=torch.float64, device=device) for i in shapes}
+    column, decided = None, None
+    remaining = torch.arange(batch, device=device)
+    for k, steps in enumerate(checks):
+        sub_starts = {i: u[remaining] for i, u in starts.items()}
+        state = propagate(model, x[remaining], eps[remaining], settings, global_norms, starts=sub_starts, steps=steps)
+        ones = torch.ones(len(remaining), dtype=torch.float64, device=device)
+        high = math.prod((rec.sigma.double() for rec in state.records), start=ones)
+        low = math.prod(state.pass_norms.estimates.values(), start=ones)
+        last_round = k + 1 == len(checks)
+        if y is None:
+            done = torch.full_like(high, last_round, dtype=torch.bool) | (high <= low * (1 + (settings.tol or 1e-2)))
+        else:
+            logits, ys = last(state.centre), y[remaining]
+            column_high = worst_case_column(last, ys, state, eps[remaining] * high.to(eps.dtype), settings)
+            column_low = worst_case_column(last, ys, state, eps[remaining] * low.to(eps.dtype), settings)
+            certified = certifies_with(logits, ys, column_high)
+            done = certified | ~certifies_with(logits, ys, column_low) | last_round
+            if column is None:
+                column = torch.zeros(batch, column_high.size(1), dtype=column_high.dtype, device=device)
+            column[remaining[done]] = column_high[done]
+        product[remaining[done]] = high[done].to(x.dtype)
+        for rec in state.records:
+            norms[rec.index][remaining[done]] = rec.sigma.double()[done]
+        decided = _merged(decided, state, remaining[done], done, batch)
+        remaining = remaining[~done]
+        if not remaining.numel():
+            break
+    return product, column, norms, decided
+
+
+def _merged(merged, state, rows, done, batch):
+    """The BoundState of every decided sample: ``state``'s rows ``done`` written at ``rows``."""
+    if merged is None:
+        empty = lambda t: t.new_zeros(batch, *t.shape[1:])  # noqa: E731
+        merged = BoundState(empty(state.centre), empty(state.radius), empty(state.lower), empty(state.upper),
+                            records=state.records, varying={i: empty(v) for i, v in state.varying.items()})
+    for name in ('centre', 'radius', 'lower', 'upper'):
+        getattr(merged, name)[rows] = getattr(state, name).detach()[done]
+    for i, fraction in state.varying.items():
+        merged.varying[i][rows] = fraction[done]
+    return merged
 
 
 def _rows_of(state, rows):
@@ -945,12 +1008,10 @@ def guaranteed_local_product(state, last, logits, y, eps, settings, index=None):
     column = None if y is None else torch.zeros_like(logits)
     checks = guaranteed.check_steps(settings.sniter)
     delta = settings.failure_prob / failure_events(settings, len(state.records))
-    runs = state.pass_norms.guaranteed if state.pass_norms is not None else None
-    if runs is None:
-        shapes = {rec.index: rec.op.in_shape for rec in state.records}
-        runs = _GuaranteedNorms(fresh_starts(shapes, batch, index, settings.seed, device), settings, batch)
-        for rec in state.records:
-            runs.add(rec)
+    shapes = {rec.index: rec.op.in_shape for rec in state.records}
+    runs = _GuaranteedNorms(fresh_starts(shapes, batch, index, settings.seed, device), settings, batch)
+    for rec in state.records:
+        runs.add(rec)
     remaining = torch.arange(batch, device=device)
     for k, steps in enumerate(checks):
         if not remaining.numel():
@@ -964,10 +1025,10 @@ def guaranteed_local_product(state, last, logits, y, eps, settings, index=None):
             done = torch.full_like(low, last_check, dtype=torch.bool) | (high <= low * (1 + (settings.tol or 1e-2)))
         else:
             sub, ys = _rows_of(state, remaining), y[remaining]
-            column_high = _column(last, ys, sub, eps[remaining] * high.to(eps.dtype), settings)
-            column_low = _column(last, ys, sub, eps[remaining] * low.to(eps.dtype), settings)
-            certified = _decides(logits[remaining], ys, column_high)
-            done = certified | ~_decides(logits[remaining], ys, column_low) | last_check
+            column_high = worst_case_column(last, ys, sub, eps[remaining] * high.to(eps.dtype), settings)
+            column_low = worst_case_column(last, ys, sub, eps[remaining] * low.to(eps.dtype), settings)
+            certified = certifies_with(logits[remaining], ys, column_high)
+            done = certified | ~certifies_with(logits[remaining], ys, column_low) | last_check
             column[remaining[done]] = column_high[done]
         product[remaining[done]] = high[done]
         for i, (_, upper) in bounds.items():
@@ -977,13 +1038,15 @@ def guaranteed_local_product(state, last, logits, y, eps, settings, index=None):
     return product.to(state.centre.dtype), column, norms
 
 
-def _column(last, y, state, radius, settings):
+def worst_case_column(last, y, state, radius, settings):
+    """The label column of the worst-case translation [B, C] at the last layer ``last`` for the
+    penultimate ``state`` and per-sample ``radius`` (``last_layer.label_column`` with ``settings``)."""
     return label_column(last.weight, y, state, radius, settings.opt_iter, layout=settings.layout,
                         translation=settings.translation)
 
 
-def _decides(logits, y, column):
-    """Bool: the clean prediction is right and the worst-case logits from ``column`` certify
+def certifies_with(logits, y, column):
+    """Bool [B]: the clean prediction is right and the worst-case logits from ``column`` certify
     (finite, label first by the margin)."""
     worst = translate(logits, y, column)
     return (correct_predictions(logits, y) & torch.isfinite(column).all(dim=1)
@@ -1064,18 +1127,24 @@ def bound_outputs(model, x, y, eps, settings=CERTIFIED, *, store=None, index=Non
     """
     settings = _checked(settings)
     eps = per_sample_eps(eps, x)
-    store = None if settings.guaranteed else store
-    starts = store.gather(index, x.device, x.dtype) if store is not None else None
-    state = propagate(model, x, eps, settings, starts=starts, store_layers=store, index=index)
     last = list(model)[-1]
-    logits = last(state.centre)
-    if settings.guaranteed and settings.bound != 'global':
+    if _guaranteed_refined(settings):
+        check_boundable(model)
+        product, column, norms, state = guaranteed_refined_product(model, x, y, eps, settings, index)
+        logits = last(state.centre)
+    elif settings.guaranteed and settings.bound != 'global':
+        state = propagate(model, x, eps, settings)
+        logits = last(state.centre)
         product, column, norms = guaranteed_local_product(state, last, logits, y, eps, settings, index)
     else:                       # estimates, or the product of the guaranteed global norms (no store)
+        store = None if settings.guaranteed else store
+        starts = store.gather(index, x.device, x.dtype) if store is not None else None
+        state = propagate(model, x, eps, settings, starts=starts, store_layers=store)
+        logits = last(state.centre)
         product, finals, norms = lipschitz_product(state, settings, starts=starts, store_layers=store)
         if store is not None and finals:
             store.scatter(index, finals)
-        column = _column(last, y, state, eps * product, settings)
+        column = worst_case_column(last, y, state, eps * product, settings)
     finite = _box_finite(state) & torch.isfinite(column).all(dim=1) & torch.isfinite(product)
     column = torch.where(torch.isnan(column), torch.zeros_like(column), column)
     sparsity = state.sparsity if torch.is_tensor(state.sparsity) else logits.new_zeros(())
@@ -1109,7 +1178,10 @@ def local_lipschitz(model, x, eps, settings=CERTIFIED, *, index=None):
     ``settings.bound`` reads as local)."""
     settings = _masked(_checked(settings))
     eps = per_sample_eps(eps, x)
-    state = propagate(model, x, eps, settings, index=index)
+    if _guaranteed_refined(settings):
+        check_boundable(model)
+        return guaranteed_refined_product(model, x, None, eps, settings, index)[0]
+    state = propagate(model, x, eps, settings)
     if settings.guaranteed:
         return guaranteed_local_product(state, None, None, None, eps, settings, index)[0]
     return lipschitz_product(state, settings)[0]
@@ -1131,6 +1203,8 @@ def layer_norms(model, x, eps, settings=CERTIFIED, *, precise=False, rtol=1e-6):
         return {rec.index: precise_masked_norms(rec.op, rec.in_mask, rec.out_mask, rtol=rtol,
                                                   batch=x.size(0)).to(x.dtype)
                 for rec in state.records}
+    if _guaranteed_refined(settings):
+        return {rec.index: rec.sigma.detach() for rec in state.records}
     if settings.guaranteed:
         return guaranteed_local_product(state, None, None, None, per_sample_eps(eps, x), settings)[2]
     return lipschitz_product(state, settings)[2]
@@ -1156,19 +1230,32 @@ def global_lipschitz(model, *, sniter=2000, input_shape=None, precise=False):
     """Product of the plain spectral norms of every conv/linear layer but the last.
 
     ``precise=False``: ``sniter`` rounds of the warm-started global power iteration (the vectors
-    training uses move on). ``precise=True``: float64 norms converged to 1e-6
-    (``spectral.precise_global_norm``), leaving the training vectors untouched.
+    training uses move on). ``precise=True``: ``precise_global_norms`` (float64, converged to
+    1e-6), leaving the training vectors untouched.
     """
     shape = tuple(input_shape) if input_shape is not None else infer_input_shape(model)
-    x = _probe(model, shape)
-    product = 1.0
-    for layer in list(model)[:-1]:
-        if is_affine(layer):
-            op = make_operator(layer, x.shape[1:])
-            norm = precise_global_norm(op)[0] if precise else global_spectral_norm(op, sniter)
-            product *= float(norm)
-        x = layer(x)
-    return product
+    if precise:
+        return math.prod(precise_global_norms(model, shape).values())
+    layers = list(model)
+    return math.prod(float(global_spectral_norm(make_operator(layers[i], in_shape), sniter))
+                     for i, in_shape in affine_input_shapes(model, shape).items())
+
+
+@torch.no_grad()
+def precise_global_norms(model, input_shape):
+    """{affine layer index: float64 norm converged to 1e-6} of every conv/linear layer but the last
+    (``spectral.precise_global_norm``; the warm vectors are read, never moved)."""
+    layers = list(model)
+    return {i: float(precise_global_norm(make_operator(layers[i], shape))[0])
+            for i, shape in affine_input_shapes(model, input_shape).items()}
+
+
+def global_product(model, input_shape, settings):
+    """The product of the global norms a report shows: guaranteed upper bounds with guaranteed
+    ``settings``, else ``settings.sniter`` rounds of the warm power iteration."""
+    if settings.guaranteed:
+        return math.prod(guaranteed_global_norms(model, input_shape, settings).values())
+    return global_lipschitz(model, sniter=settings.sniter, input_shape=input_shape)
 
 
 class BoundedModel(nn.Module):

@@ -138,19 +138,11 @@ def radius_rows(result, index, label, global_bound, bound='local'):
     return rows
 
 
-def global_product(model, input_shape, settings):
-    """The CSV's global bound: the product of guaranteed global norms (upper bounds) with guaranteed
-    settings, else ``local_bound.global_lipschitz`` (power iteration)."""
-    if settings.guaranteed:
-        return math.prod(local_bound.guaranteed_global_norms(model, input_shape, settings).values())
-    return local_bound.global_lipschitz(model, sniter=settings.sniter, input_shape=input_shape)
-
-
 def dataset_radii(model, loader, *, device, eps_max, settings=CERTIFIED, eval_eps=None, anchors=(),
                   global_bound=None, progress=True, store=None, **options):
     """``certified_radii`` over a loader of ``(x, y, index)`` batches.
 
-    ``global_bound``: the value of the CSV's global_bound column (default ``global_product``). ``options``:
+    ``global_bound``: the value of the CSV's global_bound column (default ``local_bound.global_product``). ``options``:
     ``tol``, ``grid``. Returns (rows for
     ``write_radius_csv``, summary dict with ``examples``, ``non_monotone``, ``capped``, ``tol``
     and ``steps``).
@@ -161,7 +153,7 @@ def dataset_radii(model, loader, *, device, eps_max, settings=CERTIFIED, eval_ep
                             leave=False):
         x, y = x.to(device), y.to(device)
         if global_bound is None:
-            global_bound = global_product(model, x.shape[1:], settings)
+            global_bound = local_bound.global_product(model, x.shape[1:], settings)
         result = certified_radii(model, x, y, eps_max=eps_max, settings=settings, eval_eps=eval_eps,
                                  anchors=anchors, store=store, index=index, **options)
         rows += radius_rows(result, index, y.cpu(), global_bound, 'refined' if settings.bound == 'refined' else 'local')

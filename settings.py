@@ -35,7 +35,7 @@ class BoundSettings:
     tol: the estimate methods' stopping tolerance (None: their default).
     translation / opt_iter / layout: the last-layer solver (``last_layer.py``).
     bound: 'local' (the paper's: masked norms), 'refined' (masked norms, and each layer's ball
-        sized by them; docs/method.md §4) or 'global' (plain norms).
+        sized by them; docs/method.md §7) or 'global' (plain norms).
     refinements: with bound='refined', which of its two refinements apply: 'rows' (masked row
         norms for the ball's box) and 'radius' (the ball's radius follows the local product).
     gloro: GloRo's extra bottom logit. sp_thres: TinyImageNet's sparsity term (None: skip).

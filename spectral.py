@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from norms import batch_norms
+
 LOCAL_TOL = 1e-3       # early stop of the per-sample masked power iteration (change of u)
 GLOBAL_TOL = 1e-4      # early stop of the global power iteration
 LANCZOS_TOL = 1e-4     # per-sample stop of Lanczos: relative Ritz residual
@@ -25,11 +27,6 @@ LANCZOS_MEMORY = 2**28  # bytes of Krylov basis held at once; larger batches run
 POWER_GRADS = ('unrolled', 'final')
 METHODS = ('power', 'lanczos', 'precise')
 REORTHS = ('none', 'full')
-
-
-def batch_norms(t):
-    """L2 norm of every sample of a batch, shaped to broadcast against ``t``."""
-    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
 # ----------------------------------------------------------------------------- global norms

@@ -263,7 +263,11 @@ def _apply_new_lr(optimizer, scheduler, saved_lr, lr, logger):
 def train(args, runtime, logger, train_set=None, test_set=None):
     """Run docs/method.md §4 end to end; returns the final report (a dict) on every rank."""
     torch.manual_seed(args.seed)
-    local_bound.use_compiled_kernels(getattr(args, 'compile', False))
+    with local_bound.compiled_kernels(getattr(args, 'compile', False)):
+        return _train(args, runtime, logger, train_set, test_set)
+
+
+def _train(args, runtime, logger, train_set, test_set):
     train_loader, test_loader, owned_train, owned_test = build_loaders(args, runtime, train_set, test_set)
     model = utils.select_model(args.data, args.model, args.init, runtime.device)
     net = local_bound.BoundedModel(model)

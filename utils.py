@@ -56,7 +56,7 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
     g = p.add_argument_group('bound')
     g.add_argument('--bound', choices=['local', 'refined', 'global'], default='local',
                    help='local: the paper\'s masked (local) Lipschitz bound; refined: local with masked row '
-                        'norms and a ball that follows the local product (docs/method.md §4); global: plain '
+                        'norms and a ball that follows the local product (docs/method.md §7); global: plain '
                         'spectral norms (baseline)')
     if training:
         g.add_argument('--sniter', type=int, default=1, help='power iterations per training step')

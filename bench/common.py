@@ -134,14 +134,14 @@ class Ours:
         return f'{s.nbytes / 2**20:.0f} MiB {str(s.dtype).split(".")[-1]} on {s.device}'
 
     def step(self, x, y, index, eps, kappa):
-        local_bound.use_compiled_kernels(self.args.compile)   # configurations alternate in one process
-        return trainer.train_robust_epoch(self.net, [(x, y, index)], self.optimizer, self.args, self.runtime,
-                                          0, eps, kappa, self.store, None)
+        with local_bound.compiled_kernels(self.args.compile):   # configurations alternate in one process
+            return trainer.train_robust_epoch(self.net, [(x, y, index)], self.optimizer, self.args, self.runtime,
+                                              0, eps, kappa, self.store, None)
 
     def epoch(self, loader, eps, kappa):
-        local_bound.use_compiled_kernels(self.args.compile)
-        return trainer.train_robust_epoch(self.net, loader, self.optimizer, self.args, self.runtime,
-                                          0, eps, kappa, self.store, None)
+        with local_bound.compiled_kernels(self.args.compile):
+            return trainer.train_robust_epoch(self.net, loader, self.optimizer, self.args, self.runtime,
+                                              0, eps, kappa, self.store, None)
 
 
 class Authors:

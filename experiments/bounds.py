@@ -18,6 +18,7 @@ every pair, and the median refined / local bound ratio) and the figures of ``plo
 ``OUT/figures``. Interrupted, it starts again where it stopped (finished files are kept).
 """
 import argparse
+import csv
 import functools
 import json
 import os
@@ -113,32 +114,32 @@ def train(args, bound, train_set, test_set):
 def certify(args, prefix, bound, test_set):
     """Radius CSV of the checkpoint ``prefix`` with the guaranteed ``bound``; (rows, seconds)."""
     path = Path(args.out) / f'{prefix.name.split("_")[0]}-trained_{bound}-certified_radius.csv'
+    timing = path.with_name(path.name.replace('_radius.csv', '_seconds.txt'))
+    if path.exists() and timing.exists():           # finished by an earlier run
+        with open(path, newline='') as f:
+            rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return rows, float(timing.read_text())
     model, _ = checkpoints.load_model(f'{prefix}_best.pth', args.data, args.model)
     model.eval()
     settings = CERTIFIED.replace(bound=bound, sniter=args.sniter, seed=args.seed)
-    loader = DataLoader(IndexedSet(test_set), batch_size=100, shuffle=False)
+    loader = DataLoader(data_load.IndexedDataset(test_set), batch_size=100, shuffle=False)
     start = time.time()
     rows, _ = radius.dataset_radii(model, loader, device='cpu', eps_max=3 * args.eps, settings=settings,
                                    eval_eps=args.eps, anchors=data_load.dataset(args.data).paper_radii,
                                    tol=args.radius_tol, grid=args.grid)
+    seconds = time.time() - start
     radius.write_radius_csv(path, rows)
     with open(path.with_name(path.name.replace('_radius.csv', '_args.json')), 'w') as f:
         json.dump({'epsilon': args.eps, 'data': args.data, 'model': args.model, 'bound': bound}, f)
-    return rows, time.time() - start
+    timing.write_text(f'{seconds:.1f}\n')
+    return rows, seconds
 
 
-class IndexedSet(torch.utils.data.Dataset):
-    """(x, y, index) items of a data set of (x, y) (what ``radius.dataset_radii`` reads)."""
-
-    def __init__(self, data):
-        self.data = data
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        x, y = self.data[i]
-        return x, int(y), i
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def summary_lines(args, table):

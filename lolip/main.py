@@ -5,7 +5,6 @@ Lipschitzness, write one JSON and print one table (docs/method_lolip.md §1).
         --dataset mnist --model ce-tor-CNN001 --attack pgd --random_seed 0 --data_dir DIR
 """
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch  # noqa: E402
 
 import checkpoints  # noqa: E402
 import data_load  # noqa: E402
+import norms  # noqa: E402
 import utils  # noqa: E402
 from lolip import data, recipe, report, train  # noqa: E402
 from lolip.adversaries import build_attack  # noqa: E402
@@ -90,7 +90,7 @@ def run_name(args, spec):
 def run(args, spec):
     """Train (or resume), evaluate, write the JSON; returns (result, json path)."""
     train.seed_everything(args.random_seed)
-    norm = math.inf if args.norm == 'inf' else 2
+    norm = norms.order(args.norm)
     dataset = data.load(args.dataset, args.data_dir, aug=spec.aug, limit_train=args.limit_train,
                         limit_test=args.limit_test, download=args.download)
     model = build_model(spec.arch, dataset.num_classes, dataset.shape[0]).to(args.device)

@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoints
+from local_bound import correct_predictions
+
 
 TEST_BATCH = 32
 
@@ -29,7 +32,7 @@ def train_epoch(model, loader, objective, optimizer, device, desc):
         loss.backward()
         optimizer.step()
         total += loss.item()
-        correct += int((logits.argmax(1) == y).sum())
+        correct += int(correct_predictions(logits, y).sum())
         count += len(y)
     return total / max(count, 1), correct / max(count, 1)
 
@@ -43,7 +46,7 @@ def test_epoch(model, dataset, device):
         x, y = x.to(device), y.to(device)
         logits = model(x)
         total += F.cross_entropy(logits, y, reduction='sum').item()
-        correct += int((logits.argmax(1) == y).sum())
+        correct += int(correct_predictions(logits, y).sum())
         count += len(y)
     return total / max(count, 1), correct / max(count, 1)
 
@@ -103,5 +106,3 @@ def fit(model, data, objective, optimizer, scheduler, *, epochs, batch_size, dev
             f'test loss {test_loss:.4f} acc {test_acc:.4f}')
         save_checkpoint(checkpoint, model, optimizer, scheduler, epoch, history, meta)
     return history
-
-import checkpoints

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import attacks
+import norms
 
 SEARCH_STEPS = 2
 
@@ -42,9 +43,9 @@ def input_gradient(model, x, y, *, create_graph):
 
 def _direction(grad, norm):
     """grad divided by its per-sample p-norm; N(0, 1) where the gradient is zero."""
-    norms = attacks.batch_norms(grad, norm)
-    zero = norms.flatten() == 0
-    direction = grad / norms.clamp_min(1e-30)
+    lengths = norms.batch_norms(grad, norm)
+    zero = lengths.flatten() == 0
+    direction = grad / lengths.clamp_min(1e-30)
     direction[zero] = torch.randn_like(grad[zero])
     return direction
 
