@@ -1,4 +1,7 @@
-"""Put the repository root on sys.path; share one short real-MNIST training run between tests."""
+"""Put the repository root on sys.path; share one short real-MNIST training run between tests.
+
+The helpers the tests share are in helpers.py (tests/ is on sys.path: pytest's default 'prepend'
+import mode inserts the folder of this conftest.py), the markers in ../pytest.ini."""
 import functools
 import os
 import sys
@@ -11,8 +14,8 @@ ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-MNIST_MINI = Path(ROOT).parent / 'shared' / 'data' / 'mnist-mini'
-HAVE_MNIST = (MNIST_MINI / 'MNIST' / 'raw').is_dir()
+pytest.register_assert_rewrite('helpers')     # detailed assertion messages in the shared helpers too
+from helpers import HAVE_MNIST, MNIST_MINI  # noqa: E402
 
 # The README's quick job: 5 short epochs on 1,500 real digits, certified on 300 test digits.
 QUICK_ARGV = ['--epochs', '5', '--rampup', '3', '--gloro', '--sniter', '2', '--opt_iter', '2',

@@ -1,9 +1,12 @@
-"""Numerical tests of local_bound.py against independent computations written from docs/method.md.
+"""Numerical tests of the bound pass of local_bound.py (boxes, masks, local norms, worst-case logits,
+soundness, gradients) against independent computations written from docs/method.md.
 
 The reference side never calls the code under test: explicit matrices are built by applying the
 layers to basis vectors, spectral norms come from ``torch.linalg.svdvals``, the last-layer problem is
 solved exactly (KKT + bisection), and the ball/box pass of docs/method.md §2 is re-implemented in
-``reference_pass``. Small float64 networks keep this exact and fast (CPU, under a minute).
+``helpers.reference_pass``. Small float64 networks keep this exact and fast (CPU, under a minute).
+The masked spectral norms themselves are tested in test_spectral.py, the last-layer translation in
+test_last_layer.py and the per-example store in test_store.py.
 The module runs torch single-threaded: on a loaded 2-core machine, intra-op threads make these
 small convolutions up to ~100x slower (spinning OpenMP workers), single-threaded they take seconds.
 """
@@ -11,7 +14,6 @@ import copy
 import math
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -19,121 +21,21 @@ import torch.nn.functional as F
 
 import attacks
 import data_load
-import last_layer
 import local_bound as lb
 import models
 import spectral
 import utils
 from settings import AUTHORS, TRAINING
 from utils import ClampGroupSort, Flatten, ReLU_x
-from helpers import (DT, attack_margin, explicit_matrix, layer_outputs, masked_matrix, per_neuron_attack_points,
-                     random_thresholds, sample_ball, small_conv_net, small_mlp, top_singular, _seed)
+from helpers import (DT, affine_layers, attack_margin, exact_translation, explicit_matrix, layer_outputs,
+                     per_neuron_attack_points, propagate_records, random_thresholds, reference_pass, sample_ball,
+                     small_conv_net, small_mlp, top_singular, twin_stores, _seed)
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # ============================================================================ independent helpers
-
-
-def exact_translation(w, lower, upper, radius, iters=200):
-    """Exact ``max <w, d>`` s.t. ``|d|_2 <= radius``, ``lower <= d <= upper`` (lower <= 0 <= upper).
-
-    KKT: ``d = clip(lam * w, lower, upper)`` with the smallest lam >= 0 making ``|d| = radius``; if the
-    box corner in the direction of w already fits in the ball, it is the optimum.
-    """
-    w, lower, upper = (np.asarray(a, dtype=np.float64) for a in (w, lower, upper))
-    corner = np.where(w > 0, upper, np.where(w < 0, lower, 0.0))
-    if np.linalg.norm(corner) <= radius:
-        return float(w @ corner)
-    lo, hi = 0.0, 1.0
-    while np.linalg.norm(np.clip(hi * w, lower, upper)) < radius:
-        hi *= 2.0
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if np.linalg.norm(np.clip(mid * w, lower, upper)) < radius:
-            lo = mid
-        else:
-            hi = mid
-    return float(w @ np.clip(hi * w, lower, upper))
-
-
-def filter_row_norms(layer, out_shape):
-    """Per-output-neuron L2 norm of the layer's row (docs/method.md §2: a conv uses the whole filter's norm)."""
-    w = layer.weight.detach()
-    if isinstance(layer, nn.Linear):
-        return w.norm(dim=1)
-    return w.flatten(1).norm(dim=1).view(-1, 1, 1).expand(*out_shape)
-
-
-def reference_pass(model, x, eps):
-    """docs/method.md §2, written independently, with exact (SVD) global norms. Per sample b returns a dict:
-
-    centre, lower, upper (penultimate), boxes (lower, upper after every layer but the last),
-    masks {activation index: 0/1 varying mask}, affine [(index, matrix, in_mask, out_mask)],
-    global_sigma {index: exact ||W||}, local_product (product of exact masked norms).
-    """
-    layers = list(model)
-    results = []
-    with torch.no_grad():
-        for b in range(x.size(0)):
-            m = x[b:b + 1]
-            lower, upper, r = m - eps, m + eps, float(eps)
-            mask, boxes, masks, affine, sigmas = None, [], {}, [], {}
-            for idx, layer in enumerate(layers[:-1]):
-                if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                    in_shape = tuple(m.shape[1:])
-                    mat = explicit_matrix(layer, in_shape)
-                    out = layer(m)
-                    out_shape = tuple(out.shape[1:])
-                    mid = layer((lower + upper) / 2)
-                    rad = (mat.abs() @ ((upper - lower) / 2).reshape(-1)).view(1, *out_shape)
-                    ball = r * filter_row_norms(layer, out_shape).unsqueeze(0)
-                    lower = torch.maximum(mid - rad, out - ball)
-                    upper = torch.minimum(mid + rad, out + ball)
-                    sigma = top_singular(mat)
-                    sigmas[idx] = sigma
-                    affine.append([idx, mat, mask, None])
-                    m, r = out, r * sigma
-                elif isinstance(layer, (ReLU_x, nn.ReLU)):
-                    if isinstance(layer, ReLU_x):
-                        theta = layer.threshold.detach()
-                        act = lambda t, th=theta: torch.clamp(torch.minimum(t, th), min=0.0)  # noqa: E731
-                        mask = ((lower <= theta) & (upper > 0)).to(x.dtype)
-                    else:
-                        act = torch.relu
-                        mask = (upper > 0).to(x.dtype)
-                    affine[-1][3] = mask
-                    lower = torch.maximum(act(lower), act(m - r))
-                    upper = torch.minimum(act(upper), act(m + r))
-                    m = act(m)
-                    masks[idx] = mask
-                elif isinstance(layer, ClampGroupSort):
-                    hi_t, lo_t = layer.max.detach(), layer.min.detach()
-
-                    def act(t, hi_t=hi_t, lo_t=lo_t):
-                        a, c = t.chunk(2, dim=1)
-                        return torch.cat([torch.minimum(torch.maximum(a, c), hi_t),
-                                          torch.maximum(torch.minimum(a, c), lo_t)], dim=1)
-                    lower = torch.maximum(act(lower), act(m - r))
-                    upper = torch.minimum(act(upper), act(m + r))
-                    m = act(m)
-                    high_lower = lower.chunk(2, dim=1)[0]
-                    low_upper = upper.chunk(2, dim=1)[1]
-                    mask = torch.cat([(high_lower < hi_t), (low_upper > lo_t)], dim=1).to(x.dtype)
-                    masks[idx] = mask
-                elif isinstance(layer, (Flatten, nn.Flatten)):
-                    m, lower, upper = m.reshape(1, -1), lower.reshape(1, -1), upper.reshape(1, -1)
-                    mask = None if mask is None else mask.reshape(1, -1)
-                else:
-                    raise TypeError(type(layer))
-                boxes.append((lower, upper))
-            product = 1.0
-            for idx, mat, in_mask, out_mask in affine:
-                product *= top_singular(masked_matrix(mat, in_mask, out_mask))
-            results.append(dict(centre=m, lower=lower, upper=upper, boxes=boxes, masks=masks,
-                                affine=affine, global_sigma=sigmas, local_product=product))
-    return results
 
 
 def reference_worst(model, x, y, eps):
@@ -179,91 +81,7 @@ def code_pass(model, x, eps, sniter):
     return trace, state
 
 
-# ============================================================================ 1. masked spectral norm
-
-CONV_CASES = [  # (c_in, c_out, kernel, stride, padding, height, width)
-    (2, 3, 3, 1, 0, 5, 5),
-    (2, 3, 3, 1, 1, 6, 6),
-    (2, 3, 4, 1, 1, 5, 6),
-    (2, 3, 4, 2, 1, 7, 7),
-    (2, 3, 4, 2, 1, 8, 8),
-    (3, 2, 4, 2, 0, 9, 9),
-    (2, 2, 3, 2, 0, 8, 7),
-    (2, 3, 3, 2, 1, 7, 8),
-    (3, 2, 4, 2, 0, 10, 11),
-]
-
-
-@pytest.mark.parametrize('case', CONV_CASES, ids=lambda c: 'c{}-{}_k{}s{}p{}_{}x{}'.format(*c))
-def test_conv_operator_matches_explicit_matrix(case):
-    c_in, c_out, k, s, p, h, w = case
-    _seed(1)
-    layer = nn.Conv2d(c_in, c_out, k, s, p).to(DT)
-    op = lb.ConvOperator(layer, (c_in, h, w))
-    mat = explicit_matrix(layer, (c_in, h, w))
-    ref_out = F.conv2d(torch.zeros(1, c_in, h, w, dtype=DT), layer.weight, None, s, p)
-    assert tuple(op.out_shape) == tuple(ref_out.shape[1:])
-    u = torch.randn(3, c_in, h, w, dtype=DT)
-    v = torch.randn(3, *op.out_shape, dtype=DT)
-    torch.testing.assert_close(op.linear(u).reshape(3, -1), u.reshape(3, -1) @ mat.T)
-    adj = op.adjoint(v)
-    assert adj.shape == u.shape, f'adjoint shape {tuple(adj.shape)} != input shape {tuple(u.shape)}'
-    torch.testing.assert_close(adj.reshape(3, -1), v.reshape(3, -1) @ mat)
-    # The absolute operator is |W| applied to the input (for the interval box).
-    torch.testing.assert_close(op.absolute(u.abs()).reshape(3, -1), u.abs().reshape(3, -1) @ mat.abs().T)
-
-
-@pytest.mark.parametrize('case', CONV_CASES, ids=lambda c: 'c{}-{}_k{}s{}p{}_{}x{}'.format(*c))
-def test_masked_spectral_norm_conv_equals_svd(case):
-    c_in, c_out, k, s, p, h, w = case
-    _seed(2)
-    layer = nn.Conv2d(c_in, c_out, k, s, p).to(DT)
-    op = lb.ConvOperator(layer, (c_in, h, w))
-    mat = explicit_matrix(layer, (c_in, h, w))
-    batch = 4
-    in_mask = (torch.rand(batch, c_in, h, w) < 0.6).to(DT)
-    out_mask = (torch.rand(batch, *op.out_shape) < 0.6).to(DT)
-    in_mask[0], out_mask[0] = 1.0, 1.0          # sample 0 unmasked
-    u = torch.randn(batch, c_in, h, w, dtype=DT)
-    with torch.no_grad():
-        sigma, u_final = spectral.masked_spectral_norm(op, u, in_mask, out_mask, 2000, 1e-7)
-    assert sigma.shape == (batch,)
-    for b in range(batch):
-        expected = top_singular(masked_matrix(mat, in_mask[b], out_mask[b]))
-        assert float(sigma[b]) == pytest.approx(expected, rel=1e-3), f'sample {b}'
-        # The returned vector is a unit vector supported on the input mask.
-        assert float(u_final[b].norm()) == pytest.approx(1.0, rel=1e-6)
-        assert float((u_final[b] * (1 - in_mask[b])).abs().max()) == 0.0
-    # No masks: the plain spectral norm.
-    with torch.no_grad():
-        plain, _ = spectral.masked_spectral_norm(op, u, None, None, 2000, 1e-7)
-    assert float(plain[0]) == pytest.approx(top_singular(mat), rel=1e-3)
-
-
-def test_masked_spectral_norm_linear_equals_svd():
-    _seed(3)
-    layer = nn.Linear(20, 15).to(DT)
-    op = lb.LinearOperator(layer, (20,))
-    in_mask = (torch.rand(5, 20) < 0.5).to(DT)
-    out_mask = (torch.rand(5, 15) < 0.5).to(DT)
-    u = torch.randn(5, 20, dtype=DT)
-    with torch.no_grad():
-        sigma, _ = spectral.masked_spectral_norm(op, u, in_mask, out_mask, 2000, 1e-7)
-    for b in range(5):
-        expected = top_singular(masked_matrix(layer.weight.detach(), in_mask[b], out_mask[b]))
-        assert float(sigma[b]) == pytest.approx(expected, rel=1e-3, abs=1e-12), f'sample {b}'
-    torch.testing.assert_close(op.adjoint(torch.ones(2, 15, dtype=DT)), torch.ones(2, 15, dtype=DT) @ layer.weight)
-
-
-def test_masked_spectral_norm_all_masked_is_zero_not_nan():
-    layer = nn.Linear(6, 5).to(DT)
-    op = lb.LinearOperator(layer, (6,))
-    sigma, u = spectral.masked_spectral_norm(op, torch.randn(2, 6, dtype=DT), torch.zeros(2, 6, dtype=DT),
-                                       None, 10, 1e-6)
-    assert torch.all(sigma == 0) and torch.isfinite(u).all()
-
-
-# ============================================================================ 2. local <= global
+# ============================================================================ 1. local <= global
 
 @pytest.mark.parametrize('key', list(models.MODELS), ids=lambda k: f'{k[0]}-{k[1]}')
 def test_local_below_global_real_models(key):
@@ -339,217 +157,6 @@ def test_huge_eps_local_equals_global(kind):
         assert float(local32[b]) == pytest.approx(glob, rel=1e-2)
 
 
-def affine_layers(model, input_shape):
-    """[(layer, input shape)] of every conv/linear layer but the last (computed with the plain forward)."""
-    out, x = [], torch.zeros(1, *input_shape, dtype=next(model.parameters()).dtype)
-    with torch.no_grad():
-        for layer in list(model)[:-1]:
-            if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                out.append((layer, tuple(x.shape[1:])))
-            x = layer(x)
-    return out
-
-
-def test_per_layer_global_norm_equals_svd():
-    model = small_conv_net('relux', seed=7)
-    x = torch.rand(2, 2, 7, 7, dtype=DT)
-    state = lb.propagate(model, x, 0.1, AUTHORS.replace(sniter=3000))
-    layers = affine_layers(model, (2, 7, 7))
-    assert [rec.index for rec in state.records] == [i for i, l in enumerate(list(model)[:-1])
-                                                     if isinstance(l, (nn.Conv2d, nn.Linear))]
-    for rec, (layer, shape) in zip(state.records, layers):
-        assert rec.op.layer is layer
-        assert float(rec.global_sigma.detach()) == pytest.approx(top_singular(explicit_matrix(layer, shape)), rel=1e-4)
-
-
-def test_global_lipschitz_accepts_float64_model():
-    """Regression (bug up to 2f71efe): global_lipschitz built its probe input in float32, so a float64
-    model crashed ('Input type (float) and bias type (double) should be the same')."""
-    model = small_conv_net('relux', seed=8)
-    exact = math.prod(top_singular(explicit_matrix(l, s)) for l, s in affine_layers(model, (2, 7, 7)))
-    try:
-        glob = lb.global_lipschitz(model, sniter=3000, input_shape=(2, 7, 7))
-    except RuntimeError as err:
-        pytest.fail(f'BUG local_bound.global_lipschitz: fails on a float64 model ({err}); '
-                    'the zeros probe should use the parameters\' dtype')
-    assert glob == pytest.approx(exact, rel=1e-4)
-
-
-def test_warm_start_vectors_follow_a_dtype_change():
-    """After a float32 pass, converting the same model to float64 must not crash the global power
-    iteration. Regression (bug up to 2f71efe): global_spectral_norm re-used the cached warm-start
-    vector when shape and device matched, without checking its dtype."""
-    model = small_conv_net('relux', seed=9, dtype=torch.float32)
-    x, y = torch.rand(2, 2, 7, 7), torch.tensor([0, 1])
-    lb.worst_case_logits(model, x, y, 0.1, TRAINING.replace(sniter=2, opt_iter=2))
-    model.double()
-    try:
-        out = lb.worst_case_logits(model, x.double(), y, 0.1, TRAINING.replace(sniter=2, opt_iter=2))
-    except RuntimeError as err:
-        pytest.fail(f'BUG local_bound.global_spectral_norm: stale float32 warm-start vector used with '
-                    f'float64 weights ({err}); also compare u.dtype with the weight dtype')
-    assert out.dtype == torch.float64
-
-
-# ============================================================================ 3. last-layer translation
-
-def random_box_problems(rng, count, h, regime):
-    """(w, lower, upper, radius) problems; regime: 'free' (box inactive), 'corner' (box inside the
-    ball), 'mixed' (some coordinates clipped), 'zeros' (many zero-width coordinates, like fixed neurons)."""
-    problems = []
-    for _ in range(count):
-        w = rng.standard_normal(h)
-        if regime == 'free':
-            lower, upper, radius = -np.full(h, 50.0), np.full(h, 50.0), rng.uniform(0.1, 2.0)
-        elif regime == 'corner':
-            lower, upper = -rng.uniform(0, 0.05, h), rng.uniform(0, 0.05, h)
-            radius = rng.uniform(1.0, 3.0)
-        elif regime == 'mixed':
-            lower, upper = -rng.uniform(0, 1, h) ** 2, rng.uniform(0, 1, h) ** 2
-            radius = rng.uniform(0.3, 2.0)
-        else:
-            lower, upper = -rng.uniform(0, 1, h), rng.uniform(0, 1, h)
-            zero = rng.random(h) < 0.5
-            lower[zero] = 0.0
-            upper[zero & (rng.random(h) < 0.5)] = 0.0
-            radius = rng.uniform(0.3, 2.0)
-        problems.append((w, lower, upper, float(radius)))
-    return problems
-
-
-def run_clip_and_rescale(problems, opt_iter, dtype=DT):
-    w = torch.tensor(np.stack([p[0] for p in problems]), dtype=dtype).unsqueeze(1)
-    lower = torch.tensor(np.stack([p[1] for p in problems]), dtype=dtype).unsqueeze(1)
-    upper = torch.tensor(np.stack([p[2] for p in problems]), dtype=dtype).unsqueeze(1)
-    radius = torch.tensor([p[3] for p in problems], dtype=dtype)
-    active = torch.ones(len(problems), 1, 1, dtype=dtype)
-    with torch.no_grad():
-        return last_layer.clip_and_rescale(w, lower, upper, radius, active, opt_iter)[:, 0].double().numpy()
-
-
-@pytest.mark.parametrize('regime', ['free', 'corner', 'mixed', 'zeros'])
-def test_clip_and_rescale_matches_exact_solver(regime):
-    rng = np.random.default_rng(10)
-    problems = random_box_problems(rng, 200, 17, regime)
-    exact = np.array([exact_translation(*p) for p in problems])
-    corner_inside = [np.linalg.norm(np.where(p[0] > 0, p[2], p[1])) <= p[3] for p in problems]
-    if regime == 'free':
-        np.testing.assert_allclose(exact, [p[3] * np.linalg.norm(p[0]) for p in problems], rtol=1e-9)
-    if regime == 'corner':
-        assert all(corner_inside)
-    box_active = exact < np.array([p[3] * np.linalg.norm(p[0]) for p in problems]) * (1 - 1e-9)
-    if regime in ('mixed', 'zeros'):
-        assert np.sum(box_active & ~np.array(corner_inside)) > len(problems) // 2, 'too few mixed problems'
-    one = run_clip_and_rescale(problems, 1)
-    many = run_clip_and_rescale(problems, 1000)
-    assert np.all(one >= exact - 1e-6), f'opt_iter=1 under-estimates by {np.max(exact - one)}'
-    np.testing.assert_allclose(many, exact, rtol=1e-4, atol=1e-8)
-    # Never above the ball-only bound r * |w|.
-    assert np.all(one <= np.array([p[3] * np.linalg.norm(p[0]) for p in problems]) * (1 + 1e-9) + 1e-9)
-    # More iterations can only tighten (monotone from above).
-    assert np.all(many <= one + 1e-9)
-
-
-def test_clip_and_rescale_float32_matches_exact_solver():
-    rng = np.random.default_rng(11)
-    problems = random_box_problems(rng, 300, 40, 'mixed') + random_box_problems(rng, 300, 40, 'zeros')
-    exact = np.array([exact_translation(*p) for p in problems])
-    many = run_clip_and_rescale(problems, 1000, torch.float32)
-    np.testing.assert_allclose(many, exact, rtol=1e-4, atol=1e-5)
-
-
-def test_clip_and_rescale_float32_ill_conditioned_never_underestimates():
-    """Two large coordinates in a tight box carry almost all of w's norm; the free ones are tiny.
-
-    Exact optimum: the two clipped coordinates give 2e-3, the free ones take the rest of the ball.
-    Regression (bug up to 2f71efe): clip_and_rescale computed the free part's norm as
-    sqrt(r^2 - |clipped part|^2), which cancels catastrophically in float32, and under-estimated
-    this optimum by 1.7%, i.e. the worst-case logits were not an upper bound (docs/method.md §3: it never
-    under-estimates).
-    """
-    w = np.array([1.0, 1.0, 1e-3, 1e-3, 1e-3, 1e-3])
-    lower = np.array([-1e-3, -1e-3, -1.0, -1.0, -1.0, -1.0])
-    problem = (w, lower, -lower, 1.0)
-    exact = exact_translation(*problem)
-    got64 = run_clip_and_rescale([problem], 1000, torch.float64)[0]
-    assert got64 == pytest.approx(exact, rel=1e-6)
-    got32 = run_clip_and_rescale([problem], 1000, torch.float32)[0]
-    assert got32 >= exact * (1 - 1e-5), (
-        f'BUG local_bound.clip_and_rescale (float32): {got32:.7g} under-estimates the exact optimum '
-        f'{exact:.7g} by {100 * (exact - got32) / exact:.2f}% (free-part norm from sqrt(target^2 - '
-        f'norm_before^2) cancels; measure |d * inside| instead)')
-
-
-def test_clip_and_rescale_inactive_rows_give_zero():
-    w = torch.randn(2, 3, 5, dtype=DT)
-    w[:, 1] = 0.0
-    active = torch.ones(2, 3, 1, dtype=DT)
-    active[:, 1] = 0.0
-    out = last_layer.clip_and_rescale(w, -torch.ones(2, 1, 5, dtype=DT) * 0.1, torch.ones(2, 1, 5, dtype=DT) * 0.1,
-                              torch.tensor([1.0, 2.0], dtype=DT), active, 100)
-    assert torch.isfinite(out).all()
-    assert torch.all(out[:, 1] == 0)
-
-
-def random_state(rng, batch, h, zero_fraction=0.3):
-    centre = torch.tensor(rng.uniform(0, 1, (batch, h)))
-    lower = centre - torch.tensor(rng.uniform(0, 0.5, (batch, h)))
-    upper = centre + torch.tensor(rng.uniform(0, 0.5, (batch, h)))
-    fixed = torch.tensor(rng.random((batch, h)) < zero_fraction)
-    lower, upper = torch.where(fixed, centre, lower), torch.where(fixed, centre, upper)
-    return lb.BoundState(centre, torch.zeros(batch, dtype=DT), lower, upper)
-
-
-@pytest.mark.parametrize('opt_iter', [1, 1000])
-def test_label_translation_is_a_column_of_pairwise(opt_iter):
-    rng = np.random.default_rng(12)
-    batch, classes, h = 4, 5, 12
-    weight = torch.tensor(rng.standard_normal((classes, h)))
-    state = random_state(rng, batch, h)
-    radius = torch.tensor(rng.uniform(0.1, 1.5, batch))
-    table = last_layer.pairwise_translation(weight, state, radius, opt_iter)
-    assert table.shape == (batch, classes, classes)
-    assert torch.all(torch.diagonal(table, dim1=1, dim2=2) == 0)
-    for label in range(classes):
-        y = torch.full((batch,), label, dtype=torch.long)
-        column = last_layer.label_translation(weight, y, state, radius, opt_iter)
-        torch.testing.assert_close(column, table[:, :, label], rtol=1e-9, atol=1e-12)
-    y = torch.tensor([0, 3, 1, 4])
-    column = last_layer.label_translation(weight, y, state, radius, opt_iter)
-    torch.testing.assert_close(column, table[torch.arange(batch), :, y], rtol=1e-9, atol=1e-12)
-    if opt_iter == 1000:
-        for b in range(batch):
-            lo = torch.clamp(state.lower[b] - state.centre[b], max=0).numpy()
-            up = torch.clamp(state.upper[b] - state.centre[b], min=0).numpy()
-            for i in range(classes):
-                for j in range(classes):
-                    if i != j:
-                        w = (weight[i] - weight[j]).numpy()
-                        expected = exact_translation(w, lo, up, float(radius[b]))
-                        assert float(table[b, i, j]) == pytest.approx(expected, rel=1e-4, abs=1e-9)
-
-
-def twin_stores(model, input_shape, n):
-    """Two stores with identical start vectors, so two bound passes start from the same vectors."""
-    stores = [lb.SingularVectorStore(model, input_shape, n, seed=123) for _ in range(2)]
-    for i in stores[0].vectors:
-        assert torch.equal(stores[0].vectors[i], stores[1].vectors[i])
-    return stores
-
-
-def test_bound_outputs_pairwise_equals_label():
-    model = small_conv_net('relux', seed=13, dtype=torch.float32)
-    x, y = torch.rand(3, 2, 7, 7), torch.tensor([0, 2, 3])
-    lb.global_lipschitz(model, sniter=3000, input_shape=(2, 7, 7))
-    s1, s2 = twin_stores(model, (2, 7, 7), 3)
-    index = torch.arange(3)
-    settings = AUTHORS.replace(sniter=200, opt_iter=1000)
-    a = lb.bound_outputs(model, x, y, 0.2, settings.replace(layout='label'), store=s1, index=index)
-    b = lb.bound_outputs(model, x, y, 0.2, settings.replace(layout='pairwise'), store=s2, index=index)
-    torch.testing.assert_close(a.lipschitz, b.lipschitz, rtol=1e-6, atol=0)
-    torch.testing.assert_close(a.worst, b.worst, rtol=1e-5, atol=1e-6)
-
-
 # ============================================================================ end-to-end against the reference
 
 @pytest.mark.parametrize('kind', ['relux', 'relu', 'maxmin'])
@@ -589,11 +196,7 @@ def test_worst_case_logits_match_reference(kind):
     assert torch.all(out.worst >= worst_ref - 2e-3 * (worst_ref - out.logits).abs() - 1e-8)
 
 
-def propagate_records(model, x, eps, sniter=3000):
-    return lb.propagate(model, x, eps, AUTHORS.replace(sniter=sniter)).records
-
-
-# ============================================================================ 4. masks by sampling
+# ============================================================================ 2. masks by sampling
 
 
 def directed_points(model, x, eps):
@@ -732,7 +335,7 @@ def test_first_layer_box_is_tight_on_the_ball():
         torch.testing.assert_close(pre.min(0).values, lower[b], rtol=0, atol=1e-12)
 
 
-# ============================================================================ 5. soundness
+# ============================================================================ 3. soundness
 
 @pytest.mark.parametrize('kind', ['relux', 'relu', 'maxmin'])
 def test_worst_case_logits_bound_sampled_and_attacked_margins(kind):
@@ -816,7 +419,7 @@ def test_pgd_never_breaks_a_certified_point(trained):
     assert torch.all(z - z.gather(1, y[:, None]) <= worst - worst.gather(1, y[:, None]) + 1e-5)
 
 
-# ============================================================================ 6. gloro
+# ============================================================================ 4. gloro
 
 @pytest.mark.parametrize('eps', [0.002, 0.2])
 def test_gloro_logits(eps):
@@ -847,7 +450,7 @@ def test_gloro_logits(eps):
     torch.testing.assert_close(plain[torch.arange(8), y], clean[torch.arange(8), y])
 
 
-# ============================================================================ 7. global-bound option
+# ============================================================================ 5. global-bound option
 
 def test_global_bound_option(trained):
     model, x, y = trained
@@ -873,116 +476,7 @@ def test_global_bound_option(trained):
         lb.bound_outputs(model, x, y, eps, AUTHORS.replace(sniter=1, opt_iter=1, bound='nope'))
 
 
-# ============================================================================ 8. per-example store
-
-def test_store_gather_scatter_round_trip_and_sharding():
-    model = small_conv_net('relux', seed=60, dtype=torch.float32)
-    store = lb.SingularVectorStore(model, (2, 7, 7), 10, seed=5)
-    shapes = {i: s for i, (l, s) in zip([0, 2, 5], affine_layers(model, (2, 7, 7)))}
-    assert set(store.vectors) == set(shapes)
-    for i, s in shapes.items():
-        assert tuple(store.vectors[i].shape) == (10, *s)
-    index = torch.tensor([7, 2, 9])
-    got = store.gather(index, 'cpu')
-    for i in shapes:
-        torch.testing.assert_close(got[i], store.vectors[i][index])
-    new = {i: torch.randn(3, *s) for i, s in shapes.items()}
-    store.scatter(index, new)
-    back = store.gather(index, 'cpu')
-    for i in shapes:
-        torch.testing.assert_close(back[i], new[i])
-        torch.testing.assert_close(store.vectors[i][index], new[i])
-    untouched = torch.tensor([0, 1, 3])
-    fresh = lb.SingularVectorStore(model, (2, 7, 7), 10, seed=5)
-    for i in shapes:
-        torch.testing.assert_close(store.vectors[i][untouched], fresh.vectors[i][untouched])
-    # Sharding: a store owning examples [7, 2, 5] holds the same rows as the full store.
-    owned = torch.tensor([7, 2, 5])
-    shard = lb.SingularVectorStore(model, (2, 7, 7), 10, seed=5, owned=owned)
-    for i in shapes:
-        assert shard.vectors[i].shape[0] == 3
-        torch.testing.assert_close(shard.gather(torch.tensor([5, 7]), 'cpu')[i], fresh.vectors[i][torch.tensor([5, 7])])
-    shard.scatter(torch.tensor([2]), {i: torch.full((1, *s), 3.0) for i, s in shapes.items()})
-    for i in shapes:
-        assert torch.all(shard.vectors[i][1] == 3.0)        # dataset index 2 is the shard's row 1
-        assert not torch.any(shard.vectors[i][0] == 3.0)
-    with pytest.raises(IndexError):
-        shard.gather(torch.tensor([3]), 'cpu')
-    with pytest.raises(ValueError):
-        lb.SingularVectorStore(model, (2, 7, 7), 10, layers=[1])
-
-
-def one_power_step(mat, u, in_mask, out_mask):
-    """u <- D_in u; v = normalise(D_out W u); u = normalise(D_in W^T v) (docs/method.md §2)."""
-    a = masked_matrix(mat, in_mask, out_mask)
-    v = a @ u
-    v = v / v.norm()
-    back = a.T @ v
-    return back / back.norm()
-
-
-def test_store_warm_start_converges_to_top_singular_vectors():
-    model = small_conv_net('relux', seed=61, dtype=torch.float32)
-    _seed(62)
-    x = 0.2 + 0.6 * torch.rand(2, 2, 7, 7)
-    y = torch.tensor([1, 2])
-    eps = 0.2
-    index = torch.tensor([3, 1])
-    store = lb.SingularVectorStore(model, (2, 7, 7), 5, seed=0)
-    before = {i: v.clone() for i, v in store.vectors.items()}
-    lb.global_lipschitz(model, sniter=3000, input_shape=(2, 7, 7))   # converge the global vectors first
-    lb.worst_case_logits(model, x, y, eps, TRAINING, store=store, index=index)
-    recs = propagate_records(model, x, eps)
-    mats = {rec.index: explicit_matrix(rec.op.layer, rec.op.in_shape).double() for rec in recs}
-    for rec in recs:
-        i = rec.index
-        assert not torch.equal(store.vectors[i][index], before[i][index]), f'layer {i}: store not written'
-        torch.testing.assert_close(store.vectors[i][torch.tensor([0, 2, 4])], before[i][torch.tensor([0, 2, 4])])
-        for b in range(2):
-            in_mask = None if rec.in_mask is None else rec.in_mask[b].double()
-            out_mask = None if rec.out_mask is None else rec.out_mask[b].double()
-            expected = one_power_step(mats[i], before[i][index[b]].double().reshape(-1), in_mask, out_mask)
-            torch.testing.assert_close(store.vectors[i][index[b]].double().reshape(-1), expected,
-                                       rtol=1e-4, atol=1e-5, msg=f'layer {i}: one power step from the store')
-    for _ in range(150):
-        lb.worst_case_logits(model, x, y, eps, TRAINING, store=store, index=index)
-    recs = propagate_records(model, x, eps)
-    for rec in recs:
-        for b in range(2):
-            in_mask = None if rec.in_mask is None else rec.in_mask[b].double()
-            out_mask = None if rec.out_mask is None else rec.out_mask[b].double()
-            a = masked_matrix(mats[rec.index], in_mask, out_mask)
-            _, s, vh = torch.linalg.svd(a)
-            assert s[0] > s[1] * 1.02, 'test needs a singular gap'
-            u = store.vectors[rec.index][index[b]].double().reshape(-1)
-            cos = float((u @ vh[0]).abs() / u.norm())
-            assert cos > 0.999, f'layer {rec.index} sample {b}: stored vector not the top singular vector ({cos})'
-
-
-def test_store_restricted_layers_use_global_norm_elsewhere():
-    model = small_conv_net('relux', seed=63)
-    model32 = small_conv_net('relux', seed=63, dtype=torch.float32)
-    _seed(64)
-    x = 0.2 + 0.6 * torch.rand(3, 2, 7, 7)
-    y = torch.tensor([0, 1, 2])
-    eps = 0.2
-    store = lb.SingularVectorStore(model32, (2, 7, 7), 6, layers=[0, 5], seed=1)
-    assert set(store.vectors) == {0, 5} and 2 not in store
-    out = lb.bound_outputs(model32, x, y, eps, AUTHORS.replace(sniter=3000, opt_iter=1000), store=store,
-                           index=torch.tensor([0, 4, 5]))
-    refs = reference_pass(model, x.double(), eps)
-    for b, ref in enumerate(refs):
-        expected = 1.0
-        for idx, mat, in_mask, out_mask in ref['affine']:
-            if idx in (0, 5):
-                expected *= top_singular(masked_matrix(mat, in_mask, out_mask))
-            else:
-                expected *= ref['global_sigma'][idx]
-        assert float(out.lipschitz[b].detach()) == pytest.approx(expected, rel=1e-3), f'sample {b}'
-        assert float(out.lipschitz[b].detach()) > ref['local_product'] * (1 + 1e-3), 'layer 2 should use its (larger) global norm'
-
-
-# ============================================================================ 9. gradients
+# ============================================================================ 6. gradients
 
 @pytest.mark.parametrize('kind', ['relux', 'relu', 'maxmin'])
 @pytest.mark.parametrize('eps', [0.0, 0.2])
@@ -1005,40 +499,6 @@ def test_gradients_finite_for_every_parameter(kind, eps, gloro):
     if eps > 0 and kind != 'relu':
         extra = [p for n, p in model.named_parameters() if n.endswith(('threshold', 'max', 'min'))]
         assert sum(float(p.grad.abs().sum()) for p in extra) > 0, 'activation parameters get no gradient'
-
-
-def conv_or_linear_sigma_grad(layer, in_shape, in_mask, out_mask):
-    """Exact d||D_out W D_in||_2 / dW = grad of <v, W u> with the top singular pair (u, v) fixed."""
-    a = masked_matrix(explicit_matrix(layer, in_shape), in_mask, out_mask)
-    left, sv, right = torch.linalg.svd(a)
-    assert sv[0] > 1.02 * sv[1], 'test needs a singular gap'
-    u, v = right[0], left[:, 0]
-    weight = layer.weight.detach().clone().requires_grad_(True)
-    if isinstance(layer, nn.Linear):
-        value = v @ (weight @ u)
-    else:
-        out = F.conv2d(u.view(1, *in_shape), weight, None, layer.stride, layer.padding)
-        value = (out.reshape(-1) * v).sum()
-    grad, = torch.autograd.grad(value, weight)
-    return grad
-
-
-@pytest.mark.parametrize('layer_kind', ['linear', 'conv'])
-def test_masked_spectral_norm_gradient_matches_svd(layer_kind):
-    """The gradient through the (converged) power iteration is the spectral-norm gradient D_out v u^T D_in."""
-    _seed(80)
-    if layer_kind == 'linear':
-        layer, in_shape = nn.Linear(12, 9).to(DT), (12,)
-        op = lb.LinearOperator(layer, in_shape)
-    else:
-        layer, in_shape = nn.Conv2d(2, 3, 4, 2, 1).to(DT), (2, 7, 7)
-        op = lb.ConvOperator(layer, in_shape)
-    in_mask = (torch.rand(1, *in_shape) < 0.7).to(DT)
-    out_mask = (torch.rand(1, *op.out_shape) < 0.7).to(DT)
-    expected = conv_or_linear_sigma_grad(layer, in_shape, in_mask[0], out_mask[0])
-    sigma, _ = spectral.masked_spectral_norm(op, torch.randn(1, *in_shape, dtype=DT), in_mask, out_mask, 1500, 1e-12)
-    grad, = torch.autograd.grad(sigma.sum(), layer.weight)
-    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-4 * float(expected.norm()))
 
 
 def _loss_with_fixed_starts(model, x, y, eps, gloro, global_start=None):

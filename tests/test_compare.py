@@ -1,6 +1,5 @@
 """compare.py: both families in one table on the same real test digits and L2 eps."""
 import csv
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,11 +8,7 @@ import checkpoints
 import compare
 import utils
 from lolip.archs import build_model
-
-ROOT = Path(__file__).resolve().parents[1]
-MNIST_MINI = ROOT.parent / 'shared' / 'data' / 'mnist-mini'
-needs_mnist = pytest.mark.skipif(not (MNIST_MINI / 'MNIST' / 'raw').is_dir(),
-                                 reason=f'real MNIST digits not found at {MNIST_MINI}')
+from helpers import MNIST_MINI, needs_mnist
 
 
 @pytest.fixture

@@ -14,13 +14,10 @@ from torch.utils.data import TensorDataset
 
 import data_load
 from data_load import DataNotFoundError, DeviceTensorLoader, IndexedDataset, build_datasets, make_loaders
+from helpers import MNIST_MINI, needs_mnist
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST_MINI = REPO.parent / 'shared' / 'data' / 'mnist-mini'
 VAL_FORMAT = REPO / 'TinyImagenet' / 'data' / 'val_format.py'
-needs_mnist_mini = pytest.mark.skipif(
-    not (MNIST_MINI / 'MNIST' / 'raw').is_dir(),
-    reason=f'MNIST-mini not found at {MNIST_MINI} (see shared/data/README.md)')
 
 
 def load_val_format():
@@ -72,7 +69,7 @@ def test_make_loaders_drop_last_and_sampler():
 
 # ----- torchvision datasets -----
 
-@needs_mnist_mini
+@needs_mnist
 def test_mnist_mini_loader():
     train_set, test_set = build_datasets('mnist', MNIST_MINI, augmentation=True, normalization=True,
                                          download=False)
@@ -230,7 +227,7 @@ def test_from_dataset_channels_last():
     assert torch.equal(x, expected) and y.tolist() == dataset.targets
 
 
-@needs_mnist_mini
+@needs_mnist
 def test_device_loader_matches_torchvision_mnist():
     spec = data_load.dataset('mnist')
     assert spec.device_loader and not spec.device_augmentation

@@ -1,16 +1,11 @@
 """torch.distributed training and evaluation on CPU (gloo): 2 processes launched by torchrun.
 
 The 2-process runs go through the real command lines (train_mnist.py, evaluate.py) on a small
-synthetic MNIST folder; a launcher records, per rank, the files the process opened for writing
+synthetic MNIST folder; a launcher (helpers.launch) records, per rank, the files the process opened for writing
 and its final parameters. About a minute on 2 cores.
 """
-import os
 import re
-import socket
 import struct
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -23,68 +18,7 @@ import local_bound
 import ranks
 import trainer
 import utils
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
-TIMEOUT = 600
-
-# Runs a script as __main__ after recording, for this rank, every file opened for writing (or
-# renamed, or created as a folder) under WATCHED and, at exit, the parameters of the model the
-# script trained (the one handed to the optimiser).
-LAUNCHER = textwrap.dedent('''
-    import atexit, os, runpy, sys
-    import torch
-    audit, watched, script, *argv = sys.argv[1:]
-    rank = os.environ.get('RANK', '0')
-    writes, models = [], []
-
-    def hook(event, args):
-        if event in ('open', 'os.rename', 'os.mkdir') and isinstance(args[0], str):
-            paths = args[:2] if event == 'os.rename' else args[:1]
-            writing = event != 'open' or args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND)
-            writes.extend(p for p in map(os.path.abspath, paths) if writing and p.startswith(watched + os.sep))
-
-    def report():
-        with open(os.path.join(audit, f'writes_rank{rank}.txt'), 'w') as f:
-            f.write('\\n'.join(writes))
-        if models:
-            torch.save(models[0].state_dict(), os.path.join(audit, f'params_rank{rank}.pt'))
-
-    import utils
-    make_optimizer = utils.make_optimizer
-    utils.make_optimizer = lambda args, model: models.append(model) or make_optimizer(args, model)
-    atexit.register(report)
-    sys.addaudithook(hook)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    sys.argv = [script, *argv]
-    runpy.run_path(script, run_name='__main__')
-''')
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def launch(tmp, name, script, args, nproc=1):
-    """Run ``script`` with ``args`` in ``tmp/name`` (1 process, or ``nproc`` under torchrun).
-
-    Returns (stdout, run folder, audit folder); fails the test with the output on a non-zero exit.
-    """
-    run, audit = tmp / name, tmp / f'{name}_audit'
-    run.mkdir()
-    audit.mkdir()
-    launcher = tmp / 'launcher.py'
-    launcher.write_text(LAUNCHER)
-    command = [str(launcher), str(audit), str(run), str(ROOT / script), *args, '--device', 'cpu']
-    if nproc > 1:
-        command = ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
-                   f'--master_port={free_port()}', *command]
-    result = subprocess.run([sys.executable, *command], cwd=run, env=ENV, capture_output=True,
-                            text=True, timeout=TIMEOUT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout, run, audit
+from helpers import launch, multi_process, store_lines
 
 
 def write_idx(path, array):
@@ -116,13 +50,6 @@ def epoch_lines(log):
     return [tuple(map(float, m)) for m in re.findall(pattern, log)]
 
 
-def store_lines(stdout):
-    """{(name, rank): (examples, MiB)} from the start-up lines of every rank."""
-    pattern = r'(train|test) singular-vector store on rank (\d+): ([\d,]+) examples, ([\d.]+) MiB'
-    return {(name, int(rank)): (int(count.replace(',', '')), float(mib))
-            for name, rank, count, mib in re.findall(pattern, stdout)}
-
-
 TRAIN_FLAGS = ['--epochs', '3', '--rampup', '1', '--test_batch_size', '8', '--workers', '0',
                '--test_sniter', '3', '--test_opt_iter', '3', '--niter', '2', '--no_shuffle',
                '--epsilon', '0.5', '--epsilon_train', '0.5', '--lr', '3e-3', '--verbose', '1']
@@ -139,6 +66,7 @@ def runs(tmp_path_factory):
     return tmp, one, two
 
 
+@multi_process
 def test_two_ranks_keep_identical_parameters_close_to_one_process(runs):
     _, (_, _, audit_one), (_, _, audit_two) = runs
     rank0, rank1 = (torch.load(audit_two / f'params_rank{r}.pt') for r in (0, 1))
@@ -156,6 +84,7 @@ def test_two_ranks_keep_identical_parameters_close_to_one_process(runs):
         assert (diff > 1e-4).float().mean() <= 1e-3, (key, int((diff > 1e-4).sum()), diff.numel())
 
 
+@multi_process
 def test_two_ranks_log_the_losses_of_one_process(runs):
     _, (_, run_one, _), (_, run_two, _) = runs
     one = epoch_lines((run_one / 'pretrained' / 'run_relux_train.log').read_text())
@@ -164,6 +93,7 @@ def test_two_ranks_log_the_losses_of_one_process(runs):
     np.testing.assert_allclose(two, one, atol=2e-4)
 
 
+@multi_process
 def test_only_rank_zero_writes_files(runs):
     _, _, (_, run, audit) = runs
     assert (audit / 'writes_rank1.txt').read_text() == ''
@@ -175,6 +105,7 @@ def test_only_rank_zero_writes_files(runs):
         'run_relux_train.log']
 
 
+@multi_process
 def test_each_rank_prints_its_store_share(runs):
     _, (out_one, _, _), (out_two, _, _) = runs
     one, two = store_lines(out_one), store_lines(out_two)
@@ -192,6 +123,7 @@ def evaluation_counts(stdout):
     return total, round(float(clean) * total), round(float(cert) * total)
 
 
+@multi_process
 def test_distributed_evaluation_counts_every_example_once(runs):
     tmp, (_, run_one, _), _ = runs
     flags = ['--data', 'mnist', '--model', 'relux', '--data_dir', str(tmp / 'data'), '--no_pgd',

@@ -2,7 +2,6 @@
 certified local bound (after the norm conversion of ``empirical.certified_ratio_bound``)."""
 import csv
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +13,7 @@ import empirical
 import local_bound
 import models
 from settings import AUTHORS
-
-ROOT = Path(__file__).resolve().parents[1]
-MNIST_MINI = ROOT.parent / 'shared' / 'data' / 'mnist-mini'
-needs_mnist = pytest.mark.skipif(not (MNIST_MINI / 'MNIST' / 'raw').is_dir(),
-                                 reason=f'real MNIST digits not found at {MNIST_MINI}')
+from helpers import MNIST_MINI, needs_mnist
 
 
 def rank_one_map(dims=20, classes=4, scale=0.5, seed=0):

@@ -1,11 +1,14 @@
 """evaluate.py --radius and --empirical_lip on the session's trained MNIST model."""
 import csv
 
+import pytest
 import torch
 
 import evaluate
 import local_bound
-from conftest import MNIST_MINI
+from helpers import MNIST_MINI, needs_mnist
+
+pytestmark = [*needs_mnist, pytest.mark.slow]     # the session's trained_mnist: about 90 s, once
 
 LIMIT = 20
 

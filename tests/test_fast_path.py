@@ -234,13 +234,10 @@ def test_compiled_kernels_same_values_and_gradients(data, name):
     model, x, y, eps, globals_, starts = setup(data, name)
     results = []
     for compiled in (False, True):
-        lb.use_compiled_kernels(compiled)
-        try:
+        with lb.compiled_kernels(compiled):
             model.zero_grad()
             out, _ = ours(model, x, y, eps, globals_, starts, sniter=2, opt_iter=2)
             F.cross_entropy(out.worst, y).backward()
-        finally:
-            lb.use_compiled_kernels(False)
         results.append((out.worst.detach(), [p.grad.clone() for p in model.parameters()]))
     (eager, eager_grads), (compiled, compiled_grads) = results
     assert torch.allclose(eager, compiled, atol=1e-5, rtol=1e-5)
@@ -339,3 +336,13 @@ def test_store_dtype_defaults():
     args = Namespace(store_dtype='auto')
     assert trainer.store_dtype(args, ranks.Runtime(torch.device('cpu'))) == torch.float32
     assert trainer.store_dtype(Namespace(store_dtype='bfloat16'), ranks.Runtime(torch.device('cpu'))) == torch.bfloat16
+
+
+def test_compiled_kernels_mode_is_scoped():
+    """The compiled mode holds only inside its block, and comes back after an exception."""
+    assert not lb._compiling[0]
+    with pytest.raises(RuntimeError):
+        with lb.compiled_kernels(True):
+            assert lb._compiling[0]
+            raise RuntimeError('inside')
+    assert not lb._compiling[0]

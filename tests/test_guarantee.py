@@ -20,14 +20,12 @@ import radius
 import ranks
 import spectral
 from settings import AUTHORS, CERTIFIED, LANCZOS, TRAINING, BoundSettings
+from helpers import explicit_matrix
 
 
 def explicit_masked(layer, in_shape, in_mask=None, out_mask=None):
     """[B, n_out, n_in] float64 explicit matrices of D_out W D_in (one per sample)."""
-    op = lb.make_operator(layer.double(), in_shape)
-    n_in = math.prod(in_shape)
-    eye = torch.eye(n_in, dtype=torch.float64)
-    matrix = op.linear(eye.view(n_in, *in_shape)).flatten(1).t()
+    matrix = explicit_matrix(layer.double(), in_shape)
     layer.float()
     batch = 1 if in_mask is None else in_mask.size(0)
     m = matrix.expand(batch, -1, -1).clone()

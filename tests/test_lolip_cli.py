@@ -4,7 +4,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +12,8 @@ from lolip import main as lolip_main
 from lolip.archs import build_model
 from lolip.grammar import GrammarError, parse_model
 from lolip.recipe import recipe_for
+from helpers import MNIST_MINI, ROOT, needs_mnist
 
-ROOT = Path(__file__).resolve().parents[1]
-MNIST_MINI = ROOT.parent / 'shared' / 'data' / 'mnist-mini'
-needs_mnist = pytest.mark.skipif(not (MNIST_MINI / 'MNIST' / 'raw').is_dir(),
-                                 reason=f'real MNIST digits not found at {MNIST_MINI}')
 EXAMPLE_1 = ('--experiment experiment01 --no-hooks --norm inf --eps 0.1 --dataset mnist '
              '--model ce-tor-CNN001 --attack pgd --random_seed 0').split()
 
@@ -129,6 +125,7 @@ def test_missing_data_is_one_line(tmp_path):
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_example_1_on_real_digits_then_resume(tmp_path, one_thread, capsys):
     """The first example of docs/method_lolip.md as written plus --data_dir and small limits: one JSON, one table;
     a second call with --resume --epochs 2 continues and ends where an uninterrupted 2-epoch run

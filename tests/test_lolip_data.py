@@ -103,6 +103,7 @@ def test_svhn_reads_torchvision_files(tmp_path, monkeypatch):
     assert x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1 and label == 2
 
 
+@pytest.mark.slow
 def test_example_3_runs_on_a_fake_imagenet(tmp_path, one_thread, capsys):
     """The third example of docs/method_lolip.md as written (AT, ResNet50, Adam batch 128) plus --data_dir and one
     short epoch, on the fake ImageNet after the preparation script: it trains, attacks, measures

@@ -1,7 +1,6 @@
 """lolip on the real MNIST digits: a short AT and TRADES run raises PGD accuracy at eps 0.1 above
 natural training's."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,11 +10,8 @@ from lolip import data, report, train
 from lolip.adversaries import build_attack
 from lolip.grammar import parse_model
 from lolip.objectives import build_objective
+from helpers import MNIST_MINI, needs_mnist
 
-ROOT = Path(__file__).resolve().parents[1]
-MNIST_MINI = ROOT.parent / 'shared' / 'data' / 'mnist-mini'
-needs_mnist = pytest.mark.skipif(not (MNIST_MINI / 'MNIST' / 'raw').is_dir(),
-                                 reason=f'real MNIST digits not found at {MNIST_MINI}')
 EPS = 0.1
 
 
@@ -44,6 +40,7 @@ def trained_pgd_accuracy(loss_name, digits, tmp_path):
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_at_and_trades_beat_natural_training_under_pgd(tmp_path, one_thread):
     """Measured (2,000 training digits, 500 test digits, seed 0): natural 89% clean / 22% PGD,
     AT 92% / 74%, TRADES beta 6 (summed KL) 91% / 73%. The floor asks both defences for 20 points

@@ -1,4 +1,4 @@
-"""The refined bound (docs/method.md §4): sound on small networks of every activation, never above
+"""The refined bound (docs/method.md §7): sound on small networks of every activation, never above
 the paper's local bound, each refinement doing something, and trainable.
 
 Norms are exact here (``EXACT``: the float64 SVD of every masked matrix, an upper bound with no

@@ -1,17 +1,16 @@
 """The bundled MNIST sample (samples/README.md): readable by torchvision offline, and exactly the
 official test-set digits its README names."""
 import gzip
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import data_load
+from helpers import ROOT, SHARED_DATA
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / 'samples' / 'mnist'
-OFFICIAL = ROOT.parent / 'shared' / 'data' / 'mnist'
+OFFICIAL = SHARED_DATA / 'mnist'
 
 
 def test_the_sample_loads_offline():
@@ -21,6 +20,7 @@ def test_the_sample_loads_offline():
     assert x.shape == (1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 1 and 0 <= y <= 9
 
 
+@pytest.mark.data
 @pytest.mark.skipif(not (OFFICIAL / 't10k-images-idx3-ubyte.gz').is_file(),
                     reason=f'the official MNIST test set is not at {OFFICIAL}')
 def test_the_sample_is_the_official_test_digits_it_names():

@@ -2,11 +2,14 @@
 import re
 from pathlib import Path
 
+import pytest
+
 import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_shipped_checkpoint_prints_the_quoted_numbers(capsys, monkeypatch, one_thread):
     readme = (ROOT / 'pretrained' / 'README.md').read_text()
     command = re.search(r'^    python evaluate\.py (.*mnist_relux_sample.*)$', readme, re.M).group(1).split()

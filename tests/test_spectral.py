@@ -1,12 +1,13 @@
-"""Lanczos masked spectral norms (spectral.py) against explicit matrices, power iteration and the
-authors' certification procedure.
+"""Spectral norms (spectral.py): Lanczos masked norms against explicit matrices, power iteration and
+the authors' certification procedure; the masked power iteration (and the operators it applies)
+and the global norms against explicit matrices.
 
 References never call the code under test: explicit matrices come from applying the layer to
 basis vectors, top singular values from ``torch.linalg.svdvals``. Single-threaded (small tensors on
-a shared CPU), under half a minute.
+a shared CPU), under half a minute, plus the two tests on a briefly trained MNIST model (marked
+slow).
 """
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,30 +18,16 @@ import local_bound as lb
 import spectral
 from settings import AUTHORS, LANCZOS, TRAINING
 from utils import ReLU_x
-
-DT = torch.float64
-MNIST_MINI = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'mnist-mini'
+from helpers import (DT, HAVE_MNIST, MNIST_MINI, affine_layers, explicit_matrix, masked_matrix, needs_mnist,
+                     small_conv_net, top_singular, _seed)
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-def explicit(layer, in_shape):
-    """The bias-free layer as a dense [out_dim, in_dim] matrix (basis vectors through F.conv2d/F.linear)."""
-    n = math.prod(in_shape)
-    basis = torch.eye(n, dtype=layer.weight.dtype).view(n, *in_shape)
-    with torch.no_grad():
-        if isinstance(layer, nn.Linear):
-            out = F.linear(basis, layer.weight)
-        else:
-            out = F.conv2d(basis, layer.weight, None, layer.stride, layer.padding)
-    return out.reshape(n, -1).t()
-
-
 def svd_norms(matrix, in_mask, out_mask):
     """Top singular value of ``diag(out_mask) M diag(in_mask)`` per sample."""
-    return torch.stack([torch.linalg.svdvals(matrix * o.reshape(-1, 1) * i.reshape(1, -1))[0]
-                        for i, o in zip(in_mask, out_mask)])
+    return torch.stack([torch.linalg.svdvals(masked_matrix(matrix, i, o))[0] for i, o in zip(in_mask, out_mask)])
 
 
 def conv_case(dtype=DT, seed=0):
@@ -62,7 +49,7 @@ def conv_case(dtype=DT, seed=0):
 
 def test_lanczos_equals_svd_with_empty_rows_and_columns():
     layer, shape, op, in_mask, out_mask = conv_case()
-    want = svd_norms(explicit(layer, shape), in_mask, out_mask)
+    want = svd_norms(explicit_matrix(layer, shape), in_mask, out_mask)
     u = torch.randn(6, *shape, dtype=DT)
     with torch.no_grad():
         for reorth in spectral.REORTHS:
@@ -79,7 +66,7 @@ def test_lanczos_equals_svd_with_empty_rows_and_columns():
 
 def test_lanczos_float32_default_and_float64_option():
     layer, shape, op, in_mask, out_mask = conv_case(torch.float32, seed=1)
-    want = svd_norms(explicit(layer, shape).double(), in_mask.double(), out_mask.double())
+    want = svd_norms(explicit_matrix(layer, shape).double(), in_mask.double(), out_mask.double())
     u = torch.randn(6, *shape)
     with torch.no_grad():
         sigma32, _ = spectral.lanczos_masked_norm(op, u, in_mask, out_mask, 300, 1e-6)
@@ -173,10 +160,12 @@ def test_lanczos_never_below_power_random_layers():
     assert_lanczos_at_least_power(op, torch.randn(4, 40, dtype=DT), *masks)
 
 
+@needs_mnist
+@pytest.mark.slow
 @torch.no_grad()
-def test_lanczos_never_below_power_trained_layers(trained_mnist):
+def test_lanczos_never_below_power_trained_layers(briefly_trained_mnist):
     """Every masked layer of the short-trained MNIST model, with the masks of a real bound pass."""
-    model, x, _ = trained_mnist
+    model, x, _ = briefly_trained_mnist
     state = lb.propagate(model, x[:16], 0.3, AUTHORS.replace(sniter=100))
     for rec in state.records:
         u = torch.randn(16, *rec.op.in_shape)
@@ -187,7 +176,7 @@ def test_lanczos_gradient_and_restarts():
     """With autograd the norm is |M u| for the final Ritz vector (differentiable, between the Ritz
     value and the true norm); restarts every few steps still converge."""
     layer, shape, op, in_mask, out_mask = conv_case(seed=3)
-    want = svd_norms(explicit(layer, shape), in_mask, out_mask)
+    want = svd_norms(explicit_matrix(layer, shape), in_mask, out_mask)
     u = torch.randn(6, *shape, dtype=DT)
     sigma, _ = spectral.lanczos_masked_norm(op, u, in_mask, out_mask, 400, 1e-10, krylov_dim=4)
     sigma.sum().backward()
@@ -197,14 +186,14 @@ def test_lanczos_gradient_and_restarts():
 
 def test_precise_masked_norms_explicit_and_lanczos_agree():
     layer, shape, op, in_mask, out_mask = conv_case(torch.float32, seed=4)
-    want = svd_norms(explicit(layer, shape).double(), in_mask.double(), out_mask.double())
+    want = svd_norms(explicit_matrix(layer, shape).double(), in_mask.double(), out_mask.double())
     small = spectral.precise_masked_norms(op, in_mask, out_mask)                      # explicit SVD
     krylov = spectral.precise_masked_norms(op, in_mask, out_mask, explicit_limit=0)   # Lanczos, float64
     assert small.dtype == DT and krylov.dtype == DT
     torch.testing.assert_close(small, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(krylov, want, rtol=1e-6, atol=1e-12)
     unmasked = spectral.precise_masked_norms(op, None, None, batch=2)
-    torch.testing.assert_close(unmasked, torch.linalg.svdvals(explicit(layer, shape).double())[0].expand(2))
+    torch.testing.assert_close(unmasked, torch.linalg.svdvals(explicit_matrix(layer, shape).double())[0].expand(2))
 
 
 @torch.no_grad()
@@ -217,11 +206,172 @@ def test_precise_global_norm_from_a_warm_vector_equals_svd():
         op = lb.make_operator(module, in_shape)
         spectral.global_spectral_norm(op, 5)
         warm = spectral.warm_vector(module).clone()
-        want = torch.linalg.svdvals(explicit(module, in_shape).double())[0]
+        want = torch.linalg.svdvals(explicit_matrix(module, in_shape).double())[0]
         for limit in (0, 2**22):         # Lanczos from the warm vector, then the explicit matrix
             torch.testing.assert_close(spectral.precise_global_norm(op, explicit_limit=limit)[0], want,
                                        rtol=1e-6, atol=0)
         assert torch.equal(spectral.warm_vector(module), warm)
+
+
+# ----------------------------------------------------------------------------- masked power iteration
+
+CONV_CASES = [  # (c_in, c_out, kernel, stride, padding, height, width)
+    (2, 3, 3, 1, 0, 5, 5),
+    (2, 3, 3, 1, 1, 6, 6),
+    (2, 3, 4, 1, 1, 5, 6),
+    (2, 3, 4, 2, 1, 7, 7),
+    (2, 3, 4, 2, 1, 8, 8),
+    (3, 2, 4, 2, 0, 9, 9),
+    (2, 2, 3, 2, 0, 8, 7),
+    (2, 3, 3, 2, 1, 7, 8),
+    (3, 2, 4, 2, 0, 10, 11),
+]
+
+
+@pytest.mark.parametrize('case', CONV_CASES, ids=lambda c: 'c{}-{}_k{}s{}p{}_{}x{}'.format(*c))
+def test_conv_operator_matches_explicit_matrix(case):
+    c_in, c_out, k, s, p, h, w = case
+    _seed(1)
+    layer = nn.Conv2d(c_in, c_out, k, s, p).to(DT)
+    op = lb.ConvOperator(layer, (c_in, h, w))
+    mat = explicit_matrix(layer, (c_in, h, w))
+    ref_out = F.conv2d(torch.zeros(1, c_in, h, w, dtype=DT), layer.weight, None, s, p)
+    assert tuple(op.out_shape) == tuple(ref_out.shape[1:])
+    u = torch.randn(3, c_in, h, w, dtype=DT)
+    v = torch.randn(3, *op.out_shape, dtype=DT)
+    torch.testing.assert_close(op.linear(u).reshape(3, -1), u.reshape(3, -1) @ mat.T)
+    adj = op.adjoint(v)
+    assert adj.shape == u.shape, f'adjoint shape {tuple(adj.shape)} != input shape {tuple(u.shape)}'
+    torch.testing.assert_close(adj.reshape(3, -1), v.reshape(3, -1) @ mat)
+    # The absolute operator is |W| applied to the input (for the interval box).
+    torch.testing.assert_close(op.absolute(u.abs()).reshape(3, -1), u.abs().reshape(3, -1) @ mat.abs().T)
+
+
+@pytest.mark.parametrize('case', CONV_CASES, ids=lambda c: 'c{}-{}_k{}s{}p{}_{}x{}'.format(*c))
+def test_masked_spectral_norm_conv_equals_svd(case):
+    c_in, c_out, k, s, p, h, w = case
+    _seed(2)
+    layer = nn.Conv2d(c_in, c_out, k, s, p).to(DT)
+    op = lb.ConvOperator(layer, (c_in, h, w))
+    mat = explicit_matrix(layer, (c_in, h, w))
+    batch = 4
+    in_mask = (torch.rand(batch, c_in, h, w) < 0.6).to(DT)
+    out_mask = (torch.rand(batch, *op.out_shape) < 0.6).to(DT)
+    in_mask[0], out_mask[0] = 1.0, 1.0          # sample 0 unmasked
+    u = torch.randn(batch, c_in, h, w, dtype=DT)
+    with torch.no_grad():
+        sigma, u_final = spectral.masked_spectral_norm(op, u, in_mask, out_mask, 2000, 1e-7)
+    assert sigma.shape == (batch,)
+    for b in range(batch):
+        expected = top_singular(masked_matrix(mat, in_mask[b], out_mask[b]))
+        assert float(sigma[b]) == pytest.approx(expected, rel=1e-3), f'sample {b}'
+        # The returned vector is a unit vector supported on the input mask.
+        assert float(u_final[b].norm()) == pytest.approx(1.0, rel=1e-6)
+        assert float((u_final[b] * (1 - in_mask[b])).abs().max()) == 0.0
+    # No masks: the plain spectral norm.
+    with torch.no_grad():
+        plain, _ = spectral.masked_spectral_norm(op, u, None, None, 2000, 1e-7)
+    assert float(plain[0]) == pytest.approx(top_singular(mat), rel=1e-3)
+
+
+def test_masked_spectral_norm_linear_equals_svd():
+    _seed(3)
+    layer = nn.Linear(20, 15).to(DT)
+    op = lb.LinearOperator(layer, (20,))
+    in_mask = (torch.rand(5, 20) < 0.5).to(DT)
+    out_mask = (torch.rand(5, 15) < 0.5).to(DT)
+    u = torch.randn(5, 20, dtype=DT)
+    with torch.no_grad():
+        sigma, _ = spectral.masked_spectral_norm(op, u, in_mask, out_mask, 2000, 1e-7)
+    for b in range(5):
+        expected = top_singular(masked_matrix(layer.weight.detach(), in_mask[b], out_mask[b]))
+        assert float(sigma[b]) == pytest.approx(expected, rel=1e-3, abs=1e-12), f'sample {b}'
+    torch.testing.assert_close(op.adjoint(torch.ones(2, 15, dtype=DT)), torch.ones(2, 15, dtype=DT) @ layer.weight)
+
+
+def test_masked_spectral_norm_all_masked_is_zero_not_nan():
+    layer = nn.Linear(6, 5).to(DT)
+    op = lb.LinearOperator(layer, (6,))
+    sigma, u = spectral.masked_spectral_norm(op, torch.randn(2, 6, dtype=DT), torch.zeros(2, 6, dtype=DT),
+                                       None, 10, 1e-6)
+    assert torch.all(sigma == 0) and torch.isfinite(u).all()
+
+
+def conv_or_linear_sigma_grad(layer, in_shape, in_mask, out_mask):
+    """Exact d||D_out W D_in||_2 / dW = grad of <v, W u> with the top singular pair (u, v) fixed."""
+    a = masked_matrix(explicit_matrix(layer, in_shape), in_mask, out_mask)
+    left, sv, right = torch.linalg.svd(a)
+    assert sv[0] > 1.02 * sv[1], 'test needs a singular gap'
+    u, v = right[0], left[:, 0]
+    weight = layer.weight.detach().clone().requires_grad_(True)
+    if isinstance(layer, nn.Linear):
+        value = v @ (weight @ u)
+    else:
+        out = F.conv2d(u.view(1, *in_shape), weight, None, layer.stride, layer.padding)
+        value = (out.reshape(-1) * v).sum()
+    grad, = torch.autograd.grad(value, weight)
+    return grad
+
+
+@pytest.mark.parametrize('layer_kind', ['linear', 'conv'])
+def test_masked_spectral_norm_gradient_matches_svd(layer_kind):
+    """The gradient through the (converged) power iteration is the spectral-norm gradient D_out v u^T D_in."""
+    _seed(80)
+    if layer_kind == 'linear':
+        layer, in_shape = nn.Linear(12, 9).to(DT), (12,)
+        op = lb.LinearOperator(layer, in_shape)
+    else:
+        layer, in_shape = nn.Conv2d(2, 3, 4, 2, 1).to(DT), (2, 7, 7)
+        op = lb.ConvOperator(layer, in_shape)
+    in_mask = (torch.rand(1, *in_shape) < 0.7).to(DT)
+    out_mask = (torch.rand(1, *op.out_shape) < 0.7).to(DT)
+    expected = conv_or_linear_sigma_grad(layer, in_shape, in_mask[0], out_mask[0])
+    sigma, _ = spectral.masked_spectral_norm(op, torch.randn(1, *in_shape, dtype=DT), in_mask, out_mask, 1500, 1e-12)
+    grad, = torch.autograd.grad(sigma.sum(), layer.weight)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-4 * float(expected.norm()))
+
+
+# ----------------------------------------------------------------------------- global norms
+
+def test_per_layer_global_norm_equals_svd():
+    model = small_conv_net('relux', seed=7)
+    x = torch.rand(2, 2, 7, 7, dtype=DT)
+    state = lb.propagate(model, x, 0.1, AUTHORS.replace(sniter=3000))
+    layers = affine_layers(model, (2, 7, 7))
+    assert [rec.index for rec in state.records] == [i for i, l in enumerate(list(model)[:-1])
+                                                     if isinstance(l, (nn.Conv2d, nn.Linear))]
+    for rec, (layer, shape) in zip(state.records, layers):
+        assert rec.op.layer is layer
+        assert float(rec.global_sigma.detach()) == pytest.approx(top_singular(explicit_matrix(layer, shape)), rel=1e-4)
+
+
+def test_global_lipschitz_accepts_float64_model():
+    """Regression (bug up to 2f71efe): global_lipschitz built its probe input in float32, so a float64
+    model crashed ('Input type (float) and bias type (double) should be the same')."""
+    model = small_conv_net('relux', seed=8)
+    exact = math.prod(top_singular(explicit_matrix(l, s)) for l, s in affine_layers(model, (2, 7, 7)))
+    try:
+        glob = lb.global_lipschitz(model, sniter=3000, input_shape=(2, 7, 7))
+    except RuntimeError as err:
+        pytest.fail(f'BUG local_bound.global_lipschitz: fails on a float64 model ({err}); '
+                    'the zeros probe should use the parameters\' dtype')
+    assert glob == pytest.approx(exact, rel=1e-4)
+
+
+def test_warm_start_vectors_follow_a_dtype_change():
+    """After a float32 pass, converting the same model to float64 must not crash the global power
+    iteration. Regression (bug up to 2f71efe): global_spectral_norm re-used the cached warm-start
+    vector when shape and device matched, without checking its dtype."""
+    model = small_conv_net('relux', seed=9, dtype=torch.float32)
+    x, y = torch.rand(2, 2, 7, 7), torch.tensor([0, 1])
+    lb.worst_case_logits(model, x, y, 0.1, TRAINING.replace(sniter=2, opt_iter=2))
+    model.double()
+    try:
+        out = lb.worst_case_logits(model, x.double(), y, 0.1, TRAINING.replace(sniter=2, opt_iter=2))
+    except RuntimeError as err:
+        pytest.fail(f'BUG local_bound.global_spectral_norm: stale float32 warm-start vector used with '
+                    f'float64 weights ({err}); also compare u.dtype with the weight dtype')
+    assert out.dtype == torch.float64
 
 
 # ----------------------------------------------------------------------------- on real digits
@@ -236,10 +386,11 @@ def small_mnist_model():
 
 
 @pytest.fixture(scope='module')
-def trained_mnist():
-    """(model, test images, test labels): 150 robust-loss steps on real digits (mnist-mini)."""
+def briefly_trained_mnist():
+    """(model, test images, test labels): 150 robust-loss steps on real digits (mnist-mini); not the
+    session's ``trained_mnist`` of conftest.py (a checkpointed run of trainer.main)."""
     datasets = pytest.importorskip('torchvision.datasets')
-    if not (MNIST_MINI / 'MNIST' / 'raw').is_dir():
+    if not HAVE_MNIST:
         pytest.skip(f'no MNIST copy at {MNIST_MINI}')
     train = datasets.MNIST(str(MNIST_MINI), train=True, download=False)
     test = datasets.MNIST(str(MNIST_MINI), train=False, download=False)
@@ -260,11 +411,13 @@ def trained_mnist():
     return model, images(test, 128), test.targets[:128]
 
 
-def test_certified_sets_equal_authors_procedure(trained_mnist):
+@needs_mnist
+@pytest.mark.slow
+def test_certified_sets_equal_authors_procedure(briefly_trained_mnist):
     """Lanczos + exact translation certify the same digits as the authors' procedure (power
     iteration, 2,000 rounds with one batch-wide stop; 1,000 rounds of clip-and-rescale, pairwise),
     with no Lipschitz bound more than 1e-4 below theirs."""
-    model, x, y = trained_mnist
+    model, x, y = briefly_trained_mnist
     with torch.no_grad():
         lb.global_lipschitz(model, sniter=5000, input_shape=(1, 28, 28))   # both passes: converged global norms
         torch.manual_seed(1)

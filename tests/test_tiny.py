@@ -15,7 +15,7 @@ import evaluation  # noqa: E402
 import ranks  # noqa: E402
 import trainer
 import utils
-from test_distributed import ENV, launch, store_lines
+from helpers import ENV, launch, multi_process, store_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'TinyImagenet'))
@@ -109,6 +109,7 @@ def test_sparsity_enters_the_robust_loss():
     assert evaluation.bound_settings(args, training=True).sp_thres is None
 
 
+@multi_process
 def test_two_ranks_train_and_evaluate_tiny(tmp_path):
     fake_tiny(tmp_path / 'data')
     assert prepare(tmp_path / 'data').returncode == 0

@@ -3,7 +3,6 @@ import functools
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +14,7 @@ import local_bound
 import trainer
 import utils
 from settings import AUTHORS
-
-ROOT = Path(__file__).resolve().parents[1]
-MNIST_MINI = ROOT.parent / 'shared' / 'data' / 'mnist-mini'
-needs_mnist = pytest.mark.skipif(not (MNIST_MINI / 'MNIST' / 'raw').is_dir(),
-                                 reason=f'real MNIST digits not found at {MNIST_MINI}')
+from helpers import MNIST_MINI, ROOT, needs_mnist
 
 
 def mnist_parse(argv, **defaults):
@@ -154,6 +149,7 @@ def test_checkpoints_are_written_in_the_authors_format(tmp_path, monkeypatch):
     assert not list((tmp_path / 'pretrained').glob('*.tmp*'))
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     straight = tmp_path / 'straight'
     straight.mkdir()
@@ -207,6 +203,7 @@ def test_missing_data_is_one_line_without_traceback(tmp_path):
 # ----------------------------------------------------------------------------- end to end on real digits
 
 @needs_mnist
+@pytest.mark.slow
 def test_training_on_real_mnist_raises_certified_accuracy(trained_mnist):
     """Five short epochs on 1,500 real digits must certify test digits at eps=1.58; untrained, none.
 
