@@ -63,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument('--epochs', type=int, default=None, help='training epochs (default: 5 MNIST, 4 CIFAR)')
     p.add_argument('--eps', type=float, default=None, help='evaluation eps (default: the paper\'s)')
     p.add_argument('--bounds', nargs='+', choices=BOUNDS, default=list(BOUNDS), help='training bounds')
+    p.add_argument('--model', default=None, help="architecture (default: the recipe's; e.g. c6f2_clmaxmin)")
     p.add_argument('--radius_tol', type=float, default=0.1, help='relative tolerance of the radius search')
     p.add_argument('--grid', type=int, default=6, help='grid points of the radius search up to 3 x eps')
     p.add_argument('--sniter', type=int, default=2000, help='most Lanczos steps per guaranteed norm')
@@ -71,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument('--out', required=True)
     args = p.parse_args(argv)
     recipe = RECIPES[args.data]
-    args.model = recipe['model']
+    args.model = args.model or recipe['model']
     args.eps = recipe['eps'] if args.eps is None else args.eps
     args.train = args.train or 4000
     args.epochs = args.epochs or (5 if args.data == 'mnist' else 4)

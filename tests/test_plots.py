@@ -147,3 +147,21 @@ def test_a_run_with_only_a_radius_csv_makes_only_that_figure(tmp_path, capsys):
     assert sorted(p.rsplit('/', 1)[1] for p in written) == ['certified_accuracy.pdf', 'certified_accuracy.png',
                                                           'tightness.pdf', 'tightness.png']
     assert 'skipped (no data in these runs): loss, varying, empirical' in capsys.readouterr().err
+
+
+def test_read_csv_keeps_word_columns_and_the_curve_starts_at_clean_accuracy(tmp_path):
+    """A radius CSV with the ``bound`` and ``correct`` columns: words stay strings, and the
+    certified-accuracy curve at radius 0 is the clean accuracy (a misclassified example has radius 0
+    and is certified at no radius)."""
+    import numpy as np
+
+    import plots
+    path = tmp_path / 'run_radius.csv'
+    path.write_text('index,label,prediction,correct,radius,bound,local_bound,local_bound_eps,global_bound\n'
+                    '0,1,1,1,0.5,refined,2.0,2.0,4.0\n1,2,3,0,0.0,refined,1.0,1.0,4.0\n'
+                    '2,0,0,1,0.2,refined,3.0,3.0,4.0\n3,4,4,1,0.0,refined,3.0,3.0,4.0\n')
+    table = plots.read_csv(path)
+    assert table['bound'].tolist() == ['refined'] * 4 and table['radius'].dtype.kind == 'f'
+    curve = plots.certified_fraction(table['radius'], np.array([0.0, 0.1, 0.3]), plots.correct_column(table))
+    assert curve.tolist() == [0.75, 0.5, 0.25]
+    assert plots._with_bound('run', table) == 'run [refined bound]'
