@@ -100,6 +100,20 @@ def subset_images(path, device):
             (x[-SUBSET_TEST:].to(device), y[-SUBSET_TEST:].to(device)))
 
 
+def test_images(args, device):
+    """(x, y, a line saying where they come from): the official test set with ``--data_dir``, else the
+    subset's held-out images, else synthetic ones."""
+    if args.data_dir:
+        x, y = real_test_images(args.data_dir, args.images, device)
+        return x, y, f'the first {args.images} CIFAR-10 test images from {args.data_dir}'
+    if args.subset:
+        x, y = (t[:args.images] for t in subset_images(args.subset, device)[1])
+        return x, y, (f'{len(y)} real CIFAR-10 training images held out of the subset ({args.subset}); '
+                      'not the official test set')
+    x, y = synthetic(args.images, args.seed + 2, device)
+    return x, y, f'{args.images} synthetic CIFAR-sized test images (class templates + noise)'
+
+
 def train_short(model, steps, eps, device, images):
     """Adam on ``images`` (x, y): a tenth of the steps plain, then the worst-case loss at ``eps``
     (with a little clean loss), so that the Lipschitz bound shrinks quickly."""
@@ -227,16 +241,8 @@ def main(argv=None):
     device = torch.device(args.device)
     for line in machine_lines(device):
         print(line)
-    if args.data_dir:
-        x, y = real_test_images(args.data_dir, args.images, device)
-        print(f'images: the first {args.images} CIFAR-10 test images from {args.data_dir}')
-    elif args.subset:
-        x, y = (t[:args.images] for t in subset_images(args.subset, device)[1])
-        print(f'images: {len(y)} real CIFAR-10 training images held out of the subset ({args.subset}); '
-              'not the official test set')
-    else:
-        x, y = synthetic(args.images, args.seed + 2, device)
-        print(f'images: {args.images} synthetic CIFAR-sized test images (class templates + noise)')
+    x, y, where = test_images(args, device)
+    print(f'images: {where}')
     header = ['model', 'eps', 'procedure', 'seconds', 'images/s', 'peak MiB', 'certified', 'speed-up',
               "same sets as the authors'", 'L below converged']
     rows = []

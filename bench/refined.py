@@ -87,14 +87,10 @@ def main(argv=None):
     device = torch.device(args.device)
     for line in machine_lines(device):
         print(line)
-    if args.data_dir:
-        x, y = certify_bench.real_test_images(args.data_dir, args.images, device)
-        print(f'images: the first {args.images} CIFAR-10 test images from {args.data_dir}')
-    else:
-        if not args.subset:
-            raise SystemExit('error: give --subset (real CIFAR-10 images) or --data_dir (the test set)')
-        x, y = (t[:args.images] for t in certify_bench.subset_images(args.subset, device)[1])
-        print(f'images: {len(y)} real CIFAR-10 training images held out of the subset ({args.subset})')
+    if not (args.data_dir or args.subset):
+        raise SystemExit('error: give --subset (real CIFAR-10 images) or --data_dir (the test set)')
+    x, y, where = certify_bench.test_images(args, device)
+    print(f'images: {where}')
     header = ['model', 'eps', 'certified local', 'certified refined', 'local lost', 'local s', 'refined s',
               'ratio refined/local q10 / median / q90', 'ratio max']
     rows = []
