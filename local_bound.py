@@ -955,7 +955,7 @@ def guaranteed_refined_product(model, x, y, eps, settings, index=None):
         low = math.prod(state.pass_norms.estimates.values(), start=ones)
         last_round = k + 1 == len(checks)
         if y is None:
-            done = torch.full_like(high, last_round, dtype=torch.bool) | (high <= low * (1 + (settings.tol or 1e-2)))
+            done = torch.full_like(high, last_round, dtype=torch.bool) | _settled(high, low, state.records, settings)
         else:
             logits, ys = last(state.centre), y[remaining]
             column_high = worst_case_column(last, ys, state, eps[remaining] * high.to(eps.dtype), settings)
@@ -986,6 +986,18 @@ def _merged(merged, state, rows, done, batch):
     for i, fraction in state.varying.items():
         merged.varying[i][rows] = fraction[done]
     return merged
+
+
+# A product below this fraction of the global one is settled whatever its relative precision (a
+# network whose masks leave almost nothing: estimates near 0 never come within a relative tolerance).
+NEGLIGIBLE = 1e-6
+
+
+def _settled(high, low, records, settings):
+    """Bool: the product's upper bound ``high`` is within ``settings.tol`` (default 1e-2) of its
+    estimate ``low``, or negligible against the product of the global norms."""
+    global_product = math.prod(float(rec.global_sigma) for rec in records) if records else 1.0
+    return (high <= low * (1 + (settings.tol or 1e-2))) | (high <= NEGLIGIBLE * global_product)
 
 
 def _rows_of(state, rows):
@@ -1022,7 +1034,7 @@ def guaranteed_local_product(state, last, logits, y, eps, settings, index=None):
         high = math.prod((b[1] for b in bounds.values()), start=torch.ones_like(low))
         last_check = k + 1 == len(checks)
         if y is None:
-            done = torch.full_like(low, last_check, dtype=torch.bool) | (high <= low * (1 + (settings.tol or 1e-2)))
+            done = torch.full_like(low, last_check, dtype=torch.bool) | _settled(high, low, state.records, settings)
         else:
             sub, ys = _rows_of(state, remaining), y[remaining]
             column_high = worst_case_column(last, ys, sub, eps[remaining] * high.to(eps.dtype), settings)

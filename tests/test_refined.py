@@ -179,3 +179,25 @@ def test_refined_training_pass_has_finite_gradients_through_the_radius(kind):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     record = lb.propagate(model, x, 0.3, settings).records[0]
     assert record.sigma is not None and record.sigma.requires_grad      # the radius follows it
+
+
+@pytest.mark.parametrize('bound', ['local', 'refined'])
+def test_a_nearly_dead_network_settles_at_the_first_check(bound):
+    """Masked norms near 0 never come within a relative tolerance of their estimates; a product a
+    millionth of the global one is settled anyway (else every check to the last one runs)."""
+    model = small_mlp('relu', seed=66).float()
+    with torch.no_grad():
+        model[1].bias.fill_(-50.0)              # every first-layer ReLU is dead on the ball
+        model[1].bias[0] = 0.0                  # but one, barely moving
+        model[1].weight[0].mul_(1e-7)
+    x = inputs((10,), n=4, seed=67).float()
+    settings = CERTIFIED.replace(bound=bound, sniter=100000, exact_below=0)
+    calls = []
+    original = lb.guaranteed.KrylovRun.advance
+    try:
+        lb.guaranteed.KrylovRun.advance = lambda self, steps: (calls.append(steps), original(self, steps))[1]
+        product = lb.local_lipschitz(model, x, 0.1, settings)
+    finally:
+        lb.guaranteed.KrylovRun.advance = original
+    assert (product >= 0).all() and (product < 1e-6 * lb.global_lipschitz(model, sniter=500, input_shape=(10,))).all()
+    assert sum(calls) <= 3 * 32, f'{sum(calls)} Lanczos steps for a settled product'
