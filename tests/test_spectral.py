@@ -418,6 +418,7 @@ def test_certified_sets_equal_authors_procedure(briefly_trained_mnist):
     iteration, 2,000 rounds with one batch-wide stop; 1,000 rounds of clip-and-rescale, pairwise),
     with no Lipschitz bound more than 1e-4 below theirs."""
     model, x, y = briefly_trained_mnist
+    x, y = x[:64], y[:64]                       # the authors' pairwise procedure is the slow side
     with torch.no_grad():
         lb.global_lipschitz(model, sniter=5000, input_shape=(1, 28, 28))   # both passes: converged global norms
         torch.manual_seed(1)
@@ -425,7 +426,7 @@ def test_certified_sets_equal_authors_procedure(briefly_trained_mnist):
         torch.manual_seed(1)
         ours = lb.bound_outputs(model, x, y, 0.3, LANCZOS.replace(sniter=2000, opt_iter=1000))
     certified = lb.certified_predictions(theirs, y)
-    assert 10 <= int(certified.sum()) < len(y), 'the model should certify some digits, not all'
+    assert 5 <= int(certified.sum()) < len(y), 'the model should certify some digits, not all'
     assert torch.equal(lb.certified_predictions(ours, y), certified)
     assert torch.all(ours.lipschitz >= theirs.lipschitz * (1 - 1e-4))
     assert set(ours.varying) == {1, 3, 6}
