@@ -58,12 +58,7 @@ def parse(argv=None):
     p.add_argument('--images', type=int, default=256, help='test images per configuration')
     p.add_argument('--test_sniter', type=int, default=2000)
     p.add_argument('--test_opt_iter', type=int, default=1000)
-    p.add_argument('--checkpoint', action='append', default=[], metavar='MODEL=PATH')
-    p.add_argument('--data_dir', default=None, help='real CIFAR-10 test images from here')
-    p.add_argument('--subset', default=None, help='.npz of real CIFAR-10 images to train on and test (see above)')
-    p.add_argument('--train_steps', type=int, default=400, help='synthetic training steps without a checkpoint')
-    p.add_argument('--train_eps', type=float, default=0.1)
-    p.add_argument('--cache', default='runs', help='where the synthetic-trained weights are kept')
+    source_flags(p)
     p.add_argument('--truth', type=int, default=16, help='images whose products are checked against converged norms')
     p.add_argument('--threads', type=int, default=None)
     p.add_argument('--seed', type=int, default=0)
@@ -71,6 +66,17 @@ def parse(argv=None):
 
 
 # ----------------------------------------------------------------------------- data and weights
+
+def source_flags(p):
+    """The flags that say where the weights (``load_weights``) and the images (``test_images``) come
+    from; bench/refined.py reads the same ones."""
+    p.add_argument('--checkpoint', action='append', default=[], metavar='MODEL=PATH')
+    p.add_argument('--data_dir', default=None, help='real CIFAR-10 test images from here')
+    p.add_argument('--subset', default=None, help='.npz of real CIFAR-10 images to train on and test (see above)')
+    p.add_argument('--train_steps', type=int, default=400, help='training steps without a checkpoint')
+    p.add_argument('--train_eps', type=float, default=0.1)
+    p.add_argument('--cache', default='runs', help='where the short-trained weights are kept')
+
 
 def synthetic(count, seed, device):
     """CIFAR-sized images: one smooth random template per class, plus noise, in [0, 1]."""
