@@ -81,11 +81,25 @@ def test_relative_error_shrinks_with_steps_and_grows_with_confidence():
     assert float(guaranteed.kw_relative_error(5, torch.tensor([1.0]), 1e-10)) == 0.0
 
 
-def test_sturm_bracket_contains_the_top_eigenvalue():
+@pytest.mark.parametrize('guess', ['dense', 'none', 'high', 'low', 'off_by_rtol'])
+def test_sturm_bracket_contains_the_top_eigenvalue(guess, monkeypatch):
+    """The bracket holds whatever the dense solver's guess: right, absent (bisection only), far too
+    high or low, or just outside the guessed points; the Sturm counts alone decide its ends."""
+    scale = {'high': 1.5, 'low': 0.5, 'off_by_rtol': 1 + 1e-12}.get(guess)
+    if guess == 'none':
+        monkeypatch.setattr(guaranteed, 'DENSE_BRACKET_LIMIT', 0)
+    elif scale is not None:
+        dense = guaranteed._dense_top_eigenvalue
+        monkeypatch.setattr(guaranteed, '_dense_top_eigenvalue', lambda d, o: None if dense(d, o) is None
+                            else dense(d, o) * scale)
     gen = torch.Generator().manual_seed(0)
     for k in (1, 2, 7, 60):
         diag = torch.rand(5, k, generator=gen, dtype=torch.float64) * 3
         off = torch.randn(5, max(k - 1, 0), generator=gen, dtype=torch.float64)
+        if k == 7:       # a double top eigenvalue: two copies of one 3x3 block around a zero entry
+            a, b, c, x, y = diag[0, :3].tolist() + off[0, :2].tolist()
+            diag[0] = torch.tensor([a, b, c, 0.0, a, b, c], dtype=torch.float64)
+            off[0] = torch.tensor([x, y, 0.0, 0.0, x, y], dtype=torch.float64)
         low, high = guaranteed.top_eigenvalue_bracket(diag, off)
         t = torch.diag_embed(diag)
         if k > 1:
