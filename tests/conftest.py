@@ -32,6 +32,7 @@ def trained_mnist(tmp_path_factory):
     import torch
     from torch.utils.data import Subset
 
+    import checkpoints
     import data_load
     import trainer
     import utils
@@ -65,5 +66,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-import checkpoints

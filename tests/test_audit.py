@@ -14,12 +14,13 @@ COMMON = ['--data', 'mnist', '--model', 'relux', '--data_dir', str(MNIST_MINI), 
           '--workers', '0', '--device', 'cpu', '--gloro']
 
 
-def _flags(trained_mnist, *extra, limit=100):
+def _flags(trained_mnist, *extra, limit=60):
     return COMMON + ['--saved_model', str(trained_mnist.prefix), '--limit_test', str(limit), *extra]
 
 
 def test_attacks_break_no_certificate(trained_mnist):
-    """PGD (3 restarts x 50 steps here; 10 x 100 by default), multi-targeted PGD and 50 random points."""
+    """PGD (3 restarts x 50 steps here; 10 x 100 by default), multi-targeted PGD and 50 random points
+    against the certificates of the first 60 test digits (about 15)."""
     report = audit.main(_flags(trained_mnist, '--restarts', '3', '--niter', '50', '--samples', '50'))
     assert report.certified >= 5, 'vacuous: too few certified examples to audit'
     assert report.broken == 0 and report.smallest_margin > 0
@@ -51,20 +52,23 @@ def test_converged_norms_flip_no_certificate_at_the_default_settings(trained_mni
     bound) lies below the converged one. (Measured with the earlier Lanczos default on a model of the
     same recipe: 0 of 22 flipped; the training scripts' test default, 100 power iterations: 3 of 27
     flipped, under-estimates up to 2.3%.)"""
-    result = evaluate.main(_flags(trained_mnist, '--no_pgd', '--audit', '--strict', limit=60))
+    result = evaluate.main(_flags(trained_mnist, '--no_pgd', '--audit', '--strict', limit=40))
     report, stats = result['audit'], result['stats']
     assert report.certified >= 5 and report.flipped == 0
     assert sorted(report.checked) == sorted(stats.certified_index.tolist())
-    # the first 60 test digits in order: the per-example products are indexed by dataset index
+    # the first 40 test digits in order: the per-example products are indexed by dataset index
     reported = stats.lipschitz.double()[torch.tensor(report.checked)]
     converged = torch.tensor(report.products, dtype=torch.float64)
     assert (converged <= reported * (1 + 1e-5)).all(), float((converged / reported).max() - 1)
 
 
 def test_one_power_iteration_over_certifies_and_the_audit_says_so(trained_mnist, capsys):
+    """One round of power iteration under-estimates the norms several-fold (their product's global
+    part by 5x on a model of this recipe): the correct digits among the first 5 are 'certified', and
+    the converged re-check must say that their certificates do not hold."""
     with pytest.raises(SystemExit) as info:
         evaluate.main(_flags(trained_mnist, '--no_pgd', '--audit', '--strict', '--spectral', 'power',
-                             '--test_sniter', '1', limit=10))
+                             '--test_sniter', '1', limit=5))
     assert info.value.code == 1
     out = capsys.readouterr().out
     assert 'certificates do not hold with converged norms' in out

@@ -26,7 +26,7 @@ def _rows(path):
 
 
 def test_radius_csv_agrees_with_certification_at_the_paper_radius(trained_mnist):
-    result = _run(trained_mnist, '--radius', '--radius_tol', '0.01')
+    result = _run(trained_mnist, '--radius', '--radius_tol', '0.05')
     rows = _rows(result['radius']['path'])
     assert [int(r['index']) for r in rows] == list(range(LIMIT))
     radii = torch.tensor([float(r['radius']) for r in rows], dtype=torch.float64)

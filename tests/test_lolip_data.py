@@ -112,12 +112,12 @@ def test_example_3_runs_on_a_fake_imagenet(tmp_path, one_thread, capsys):
     argv = ('--experiment restrictedImgnet --no-hooks --norm inf --eps 0.005 --dataset '
             'resImgnet112v3 --model advce-tor-ResNet50-adambs128 --attack pgd --random_seed 0').split()
     result = lolip_main.main(argv + ['--data_dir', str(tmp_path / 'data'), '--out_dir',
-                                     str(tmp_path / 'runs'), '--epochs', '1', '--limit_train', '8',
-                                     '--limit_test', '4', '--device', 'cpu'])
+                                     str(tmp_path / 'runs'), '--epochs', '1', '--limit_train', '4',
+                                     '--limit_test', '2', '--device', 'cpu'])
     assert 'adversarial accuracy' in capsys.readouterr().out
     path = tmp_path / 'runs' / 'restrictedImgnet' / 'resImgnet112v3-inf-0.005-advce-tor-ResNet50-adambs128-pgd-0.json'
     stored = json.loads(path.read_text())
     assert stored['recipe']['optimizer'] == 'adam' and stored['recipe']['batch_size'] == 128
-    assert stored['train_examples'] == 8 and stored['test_examples'] == 4
+    assert stored['train_examples'] == 4 and stored['test_examples'] == 2
     assert stored['adv_test_acc'] == result['adv_test_acc']
     assert stored['test_lip_as_published'] <= stored['test_lip_max']

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_the_shipped_checkpoint_prints_the_quoted_numbers(capsys, monkeypatch, one_thread):
+def test_the_shipped_checkpoint_prints_the_quoted_numbers(capsys, monkeypatch):
     readme = (ROOT / 'pretrained' / 'README.md').read_text()
     command = re.search(r'^    python evaluate\.py (.*mnist_relux_sample.*)$', readme, re.M).group(1).split()
     quoted = re.search(r'^    (300 test examples at eps .*)$', readme, re.M).group(1)

@@ -1,6 +1,6 @@
 """TinyImageNet: data preparation, the scripts' flags, fp16 partial stores, the sparsity loss, and
 a 2-process torchrun run of TinyImagenet/train_tiny_multi.py and evaluate_tiny.py on a fake
-tiny-imagenet-200 folder (64x64 images read through ImageFolder). About a minute on 2 cores."""
+tiny-imagenet-200 folder (64x64 images read through ImageFolder). About 45 s on 2 cores."""
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +124,10 @@ def test_two_ranks_train_and_evaluate_tiny(tmp_path):
     log = (run / 'pretrained' / 'tiny_tinyimagenet_relux_train.log').read_text()
     assert log.count('| sparsity ') == 2 and '6 test examples' in log
     assert (audit / 'writes_rank1.txt').read_text() == ''
+    # the evaluation's Lanczos estimates skip the guaranteed global norms (15 s of float32 Lanczos
+    # here; the final report above computed them, and tests/test_distributed.py evaluates guaranteed
+    # certificates with 2 ranks)
     out, _, _ = launch(tmp_path, 'eval', 'TinyImagenet/evaluate_tiny.py', common + [
-        '--no_pgd', '--saved_model', str(run / 'pretrained' / 'tiny_tinyimagenet_relux')], nproc=2)
-    assert '6 test examples at eps 0.1412' in out
+        '--no_pgd', '--spectral', 'lanczos', '--saved_model', str(run / 'pretrained' / 'tiny_tinyimagenet_relux')],
+                       nproc=2)
+    assert '6 test examples at eps 0.1412' in out and 'estimate (lanczos' in out

@@ -221,9 +221,11 @@ def test_training_on_real_mnist_raises_certified_accuracy(trained_mnist):
     assert 1 - report['certified_err'] >= 0.05, report
     assert report['pgd_err'] <= report['certified_err'] + 1e-9, report
     assert report['clean_err'] <= report['pgd_err'] + 1e-9, report
-    # the saved model certifies the same way through evaluate.py (at its defaults: the final report's
-    # guaranteed norms with at most 2000 steps; with only 50 steps the guaranteed bounds are looser)
+    # the saved model certifies the same digits through evaluate.py at its defaults (the final
+    # report's guaranteed norms, at most 2000 steps, start vectors seeded by the example index): the
+    # first 100 test digits, against the report's certificates among them
     result = evaluate.main(['--data', 'mnist', '--model', 'relux', '--saved_model', str(trained_mnist.prefix),
-                            '--data_dir', str(MNIST_MINI), '--epsilon', '1.58', '--limit_test', '300',
+                            '--data_dir', str(MNIST_MINI), '--epsilon', '1.58', '--limit_test', '100',
                             '--no_pgd', '--workers', '0', '--device', 'cpu'])
-    assert abs(result['certified_err'] - report['certified_err']) <= 0.03
+    reported = sorted(i for i in report['stats'].certified_index.tolist() if i < 100)
+    assert sorted(result['stats'].certified_index.tolist()) == reported and reported
