@@ -25,7 +25,7 @@ QUICK_ARGV = ['--epochs', '5', '--rampup', '3', '--gloro', '--sniter', '2', '--o
 
 @pytest.fixture(scope='session')
 def trained_mnist(tmp_path_factory):
-    """The quick job trained once per session (about 5 minutes on 2 cores): its folder, checkpoint
+    """The quick job trained once per session (about 85 s on 2 cores): its folder, checkpoint
     prefix, final report, the 300 test digits as tensors and the loaded best model."""
     if not HAVE_MNIST:
         pytest.skip(f'real MNIST digits not found at {MNIST_MINI}')

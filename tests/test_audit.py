@@ -8,7 +8,7 @@ import evaluate
 import local_bound
 from helpers import MNIST_MINI, needs_mnist
 
-pytestmark = [*needs_mnist, pytest.mark.slow]     # the session's trained_mnist: about 90 s, once
+pytestmark = [*needs_mnist, pytest.mark.slow]     # the session's trained_mnist: about 85 s, once
 
 COMMON = ['--data', 'mnist', '--model', 'relux', '--data_dir', str(MNIST_MINI), '--epsilon', '1.58',
           '--workers', '0', '--device', 'cpu', '--gloro']

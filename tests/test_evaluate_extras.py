@@ -8,7 +8,7 @@ import evaluate
 import local_bound
 from helpers import MNIST_MINI, needs_mnist
 
-pytestmark = [*needs_mnist, pytest.mark.slow]     # the session's trained_mnist: about 90 s, once
+pytestmark = [*needs_mnist, pytest.mark.slow]     # the session's trained_mnist: about 85 s, once
 
 LIMIT = 20
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 from lolip import main as lolip_main
 from lolip.archs import build_model
 from lolip.grammar import GrammarError, parse_model
@@ -154,5 +155,3 @@ def test_example_1_on_real_digits_then_resume(tmp_path, one_thread, capsys):
     assert one['epoch'] == two['epoch'] == 2
     for key, value in one['state_dict'].items():
         assert torch.allclose(value, two['state_dict'][key]), key
-
-import checkpoints
