@@ -69,7 +69,7 @@ def top_eigenvalue_bracket(diag, off, points=31, rtol=1e-13, max_rounds=40):
     ``upper - lower <= rtol * upper``.
 
     The first round counts at points a hair either side of the dense solver's top eigenvalue (when
-    the matrices are small enough, ``DENSE_BRACKET_LIMIT``), which usually closes the bracket; the
+    that is cheaper than bisection, ``DENSE_BRACKET_LIMIT``), which usually closes the bracket; the
     rounds after it count at ``points`` points evenly inside it. Either way only the counts decide:
     the guess places the points, it bounds nothing."""
     k = diag.size(1)
@@ -101,16 +101,21 @@ def top_eigenvalue_bracket(diag, off, points=31, rtol=1e-13, max_rounds=40):
 # pair closes the bracket when the dense solver is within rtol / 5 of the top eigenvalue, the outer
 # pair when within 0.45 rtol.
 GUESS_OFFSETS = torch.tensor([-0.45, -0.2, 0.2, 0.45], dtype=torch.float64)
-DENSE_BRACKET_LIMIT = 2**30      # m * k^3 at most: a dense solve of about 0.1 s on a 2-core CPU
+# The dense solve takes m * k^3 flops and m * k^2 entries, the bisection about nine rounds of a
+# k-step loop whatever m: at m * k^2 <= 2^20 (8 MiB of float64) the dense solve is the cheaper one.
+DENSE_BRACKET_LIMIT = 2**20
 
 
 def _dense_top_eigenvalue(diag, off):
     """The dense solver's largest eigenvalue [m] of each tridiagonal matrix, or None when the
-    matrices are too large (or the result is not finite)."""
+    matrices are too large (``DENSE_BRACKET_LIMIT``) or the result is not finite."""
     m, k = diag.shape
-    if k < 2 or m * k ** 3 > DENSE_BRACKET_LIMIT:
+    if k < 2 or m * k * k > DENSE_BRACKET_LIMIT:
         return None
-    matrix = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    matrix = torch.diag_embed(diag)
+    steps = torch.arange(k - 1, device=diag.device)
+    matrix[:, steps, steps + 1] = off
+    matrix[:, steps + 1, steps] = off
     top = torch.linalg.eigvalsh(matrix)[:, -1]
     return top if torch.isfinite(top).all() else None
 

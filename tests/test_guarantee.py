@@ -109,6 +109,18 @@ def test_sturm_bracket_contains_the_top_eigenvalue(guess, monkeypatch):
         assert ((high - low) <= 1e-12 * high.abs() + 1e-300).all()
 
 
+def test_dense_guess_only_where_cheaper_than_bisection():
+    """The dense solve is skipped above DENSE_BRACKET_LIMIT entries (it costs m k^2 memory): many
+    short runs or one long one fall back to bisection alone."""
+    limit = guaranteed.DENSE_BRACKET_LIMIT
+    for m, k in ((limit // 32 ** 2 + 1, 32), (1, 2048)):
+        assert guaranteed._dense_top_eigenvalue(torch.ones(m, k, dtype=torch.float64),
+                                                torch.ones(m, k - 1, dtype=torch.float64)) is None
+    top = guaranteed._dense_top_eigenvalue(torch.ones(2, 512, dtype=torch.float64),
+                                           torch.zeros(2, 511, dtype=torch.float64))
+    assert torch.equal(top, torch.ones(2, dtype=torch.float64))
+
+
 # ----------------------------------------------------------------------------- upper bounds
 
 def _check_upper(layer, in_shape, in_mask, out_mask, steps=128):
