@@ -257,6 +257,30 @@ def test_label_translation_is_a_column_of_pairwise(opt_iter):
                         assert float(table[b, i, j]) == pytest.approx(expected, rel=1e-4, abs=1e-9)
 
 
+def test_label_translation_gradient_is_reproducible_on_two_threads():
+    """The weight gradient through the label column is the same on every repetition with 2 intra-op
+    threads and many repeated labels (integer indexing of the label rows accumulated them in a
+    thread-dependent order: 4 of 4 repetitions differed), so a seeded training run repeats."""
+    rng = np.random.default_rng(5)
+    batch, classes, h = 256, 10, 512        # above the size at which CPU ops go parallel
+    weight = torch.tensor(rng.standard_normal((classes, h)), dtype=torch.float32, requires_grad=True)
+    state = random_state(rng, batch, h)
+    state = lb.BoundState(*(t.float() for t in (state.centre, state.radius, state.lower, state.upper)))
+    radius = torch.tensor(rng.uniform(0.1, 1.5, batch), dtype=torch.float32)
+    y = torch.tensor(rng.integers(0, classes, batch))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(5):
+            weight.grad = None
+            last_layer.label_translation(weight, y, state, radius, 2).pow(2).sum().backward()
+            grads.append(weight.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
 def test_bound_outputs_pairwise_equals_label():
     model = small_conv_net('relux', seed=13, dtype=torch.float32)
     x, y = torch.rand(3, 2, 7, 7), torch.tensor([0, 2, 3])
