@@ -208,8 +208,7 @@ def test_training_on_real_mnist_raises_certified_accuracy(trained_mnist):
     """Five short epochs on 1,500 real digits must certify test digits at eps=1.58; untrained, none.
 
     An untrained network certifies 0 of the 300 test digits at this radius (checked below). This
-    run certified 43/300 (14.3%; evaluate.py with 200 power iterations: 14.0%) on a 2-core CPU, and
-    its certified error was still falling fast. The floor of 5% (15 digits) is a third of that:
+    run certified 47/300 (15.7%) on a 2-core CPU, and its certified error was still falling fast. The floor of 5% (15 digits) is a third of that:
     far above the untrained 0 and above binomial noise (sd ~2%), so it fails only when training or
     certification is broken.
     """
