@@ -119,9 +119,7 @@ def certify(args, prefix, bound, test_set):
     path = Path(args.out) / f'{prefix.name.split("_")[0]}-trained_{bound}-certified_radius.csv'
     timing = path.with_name(path.name.replace('_radius.csv', '_seconds.txt'))
     if path.exists() and timing.exists():           # finished by an earlier run
-        with open(path, newline='') as f:
-            rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
-        return rows, float(timing.read_text())
+        return _read_rows(path), float(timing.read_text())
     model, _ = checkpoints.load_model(f'{prefix}_best.pth', args.data, args.model)
     model.eval()
     settings = CERTIFIED.replace(bound=bound, sniter=args.sniter, seed=args.seed)
@@ -136,6 +134,12 @@ def certify(args, prefix, bound, test_set):
         json.dump({'epsilon': args.eps, 'data': args.data, 'model': args.model, 'bound': bound}, f)
     timing.write_text(f'{seconds:.1f}\n')
     return rows, seconds
+
+
+def _read_rows(path):
+    """The rows of a CSV written by an earlier run, numbers as floats and words as strings."""
+    with open(path, newline='') as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _number(text):
@@ -170,8 +174,7 @@ def bound_ratios(args, prefix, test_set):
     global one (converged Lanczos estimates over the float64 converged global product), as rows."""
     path = Path(args.out) / f'{prefix.name.split("_")[0]}-trained_ratios.csv'
     if path.exists():
-        with open(path, newline='') as f:
-            return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return _read_rows(path)
     model, _ = checkpoints.load_model(f'{prefix}_best.pth', args.data, args.model)
     model.eval()
     x = torch.stack([test_set[i][0] for i in range(len(test_set))])
