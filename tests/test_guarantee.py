@@ -90,8 +90,11 @@ def test_sturm_bracket_contains_the_top_eigenvalue(guess, monkeypatch):
         monkeypatch.setattr(guaranteed, 'DENSE_BRACKET_LIMIT', 0)
     elif scale is not None:
         dense = guaranteed._dense_top_eigenvalue
-        monkeypatch.setattr(guaranteed, '_dense_top_eigenvalue', lambda d, o: None if dense(d, o) is None
-                            else dense(d, o) * scale)
+
+        def misguided(diag, off):
+            top = dense(diag, off)
+            return None if top is None else top * scale
+        monkeypatch.setattr(guaranteed, '_dense_top_eigenvalue', misguided)
     gen = torch.Generator().manual_seed(0)
     for k in (1, 2, 7, 60):
         diag = torch.rand(5, k, generator=gen, dtype=torch.float64) * 3
