@@ -102,7 +102,7 @@ def label_translation(weight, y, state, radius, opt_iter, translation='iterative
     classes = weight.size(0)
     # the label rows by a one-hot product, not weight[y]: the backward of integer indexing
     # accumulates repeated labels in a thread-dependent order on CPU (training was not reproducible)
-    label_rows = F.one_hot(y, classes).to(weight.dtype) @ weight
+    label_rows = F.one_hot(y.long(), classes).to(weight.dtype) @ weight
     directions = weight.unsqueeze(0) - label_rows.unsqueeze(1)
     active = (torch.arange(classes, device=y.device) != y.unsqueeze(1)).to(weight.dtype).unsqueeze(-1)
     lower, upper = relative_box(state)

@@ -281,6 +281,16 @@ def test_label_translation_gradient_is_reproducible_on_two_threads():
     assert all(torch.equal(grads[0], g) for g in grads[1:])
 
 
+def test_label_translation_takes_int32_labels():
+    """Labels of any integer dtype, as integer indexing took them (the one-hot product needs int64)."""
+    rng = np.random.default_rng(6)
+    weight = torch.tensor(rng.standard_normal((5, 12)))
+    state, radius = random_state(rng, 4, 12), torch.tensor(rng.uniform(0.1, 1.5, 4))
+    y = torch.tensor([0, 3, 1, 4])
+    torch.testing.assert_close(last_layer.label_translation(weight, y.int(), state, radius, 3),
+                               last_layer.label_translation(weight, y, state, radius, 3), rtol=0, atol=0)
+
+
 def test_bound_outputs_pairwise_equals_label():
     model = small_conv_net('relux', seed=13, dtype=torch.float32)
     x, y = torch.rand(3, 2, 7, 7), torch.tensor([0, 2, 3])
