@@ -26,10 +26,17 @@ def bound_settings(args, training):
     return BoundSettings(
         method=method, sniter=args.sniter if training else args.test_sniter,
         opt_iter=args.opt_iter if training else args.test_opt_iter, gloro=args.gloro, bound=args.bound,
-        translation='iterative' if training else getattr(args, 'translation', 'iterative'),
+        translation='iterative' if training else test_translation(args, method),
         sp_thres=getattr(args, 'sp_thres', None) if training and getattr(args, 'sparse', 0) else None,
         power_grad=getattr(args, 'power_grad', 'unrolled') if method == 'power' else 'unrolled',
         failure_prob=getattr(args, 'failure_prob', 1e-9), seed=args.seed)
+
+
+def test_translation(args, method):
+    """The test-time last-layer solver: ``--translation``, else exact for guaranteed norms (which
+    need it) and the authors' iterative one for the estimates."""
+    chosen = getattr(args, 'translation', None)
+    return chosen if chosen is not None else ('exact' if method == 'guaranteed' else 'iterative')
 
 
 # How reported certificates are computed (evaluate.py, audit.py, compare.py, the final report after

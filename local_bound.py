@@ -8,6 +8,7 @@ the local Lipschitz bound. The last Linear layer turns ball and box into worst-c
 (``last_layer.py``: the BCP translation, iterative or exact).
 """
 import contextlib
+import copy
 import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 import data_load
 import guaranteed
 import spectral
-from last_layer import label_column, translate
+from last_layer import dual_bound, exact_solution, label_column, translate
 from settings import CERTIFIED, BoundSettings
 from spectral import global_spectral_norm, masked_norm, precise_global_norm, precise_masked_norms
 from models import ClampGroupSort, Flatten, ReLU_x, relu_x
@@ -68,6 +69,16 @@ class ConvOperator:
             v, u, layer.weight, None, layer.stride, layer.padding, layer.dilation, False, [0, 0],
             layer.groups, [False, True, False])[1]
 
+    @property
+    def fan_in(self):
+        """Products summed into one output: in_channels / groups * kernel area."""
+        return self.layer.weight[0].numel()
+
+    def bias_abs(self):
+        """|bias| shaped to broadcast against outputs (0 without a bias)."""
+        bias = self.layer.bias
+        return 0.0 if bias is None else bias.abs().view(1, -1, 1, 1)
+
     def row_norms(self):
         """L2 norm of each output channel's whole filter, shaped [1, C_out, 1, 1]."""
         return self.layer.weight.flatten(1).norm(dim=1).view(1, -1, 1, 1)
@@ -102,6 +113,14 @@ class LinearOperator:
 
     def weight_grad(self, u, v):
         return v.t() @ u
+
+    @property
+    def fan_in(self):
+        return self.layer.in_features
+
+    def bias_abs(self):
+        bias = self.layer.bias
+        return 0.0 if bias is None else bias.abs().view(1, -1)
 
     def row_norms(self):
         return self.layer.weight.norm(dim=1).view(1, -1)
@@ -147,9 +166,15 @@ class AffineRecord:
 
 @dataclass
 class BoundState:
-    """What flows between layers: ball centre and radius, box, and the current varying mask;
-    ``records`` (affine layers met) and ``varying`` ({activation index: fraction of varying
-    neurons [B]}) accumulate along the pass."""
+    """What flows between layers: ball centre and radius, box, and the current varying mask (in the
+    coordinates of the current tensor); ``records`` (affine layers met) and ``varying``
+    ({activation index: fraction of varying neurons [B]}) accumulate along the pass.
+
+    ``owner`` is the record of the affine layer whose output coordinates the current tensor still
+    indexes (only elementwise maps and reshapes since): an elementwise activation's mask becomes
+    that layer's output mask. Any other map (a MaxMin mixes its pairs) clears it, so a mask is never
+    applied to rows it does not index. ``centre_err`` (rigorous passes only, see ``_Rounding``)
+    bounds, per coordinate, how far the computed centre is from the real-valued image of the input."""
     centre: torch.Tensor
     radius: torch.Tensor
     lower: torch.Tensor
@@ -159,14 +184,92 @@ class BoundState:
     sparsity: torch.Tensor = 0.0
     varying: dict = field(default_factory=dict)
     pass_norms: Optional[object] = None
+    owner: Optional[AffineRecord] = None
+    centre_err: Optional[torch.Tensor] = None
 
 
 @dataclass
 class PassOptions:
     """What the layer rules read: the settings, and the guaranteed global norms when the settings
-    ask for them ({affine layer index: upper bound of its plain norm}; None: power iteration)."""
+    ask for them ({affine layer index: upper bound of its plain norm}; None: power iteration);
+    ``rigorous``: float64 arithmetic with every rounding covered (guaranteed settings, ``_Rounding``)."""
     settings: BoundSettings
     global_norms: Optional[dict] = None
+    rigorous: bool = False
+
+
+# ----------------------------------------------------------------------------- rigorous rounding
+#
+# A guaranteed pass runs in float64 on an exact float64 copy of the model and covers every rounding,
+# so that its boxes and balls contain the images of the real-valued network of the stored weights
+# (docs/certificates.md, "Floating point"). One operation rounded to nearest is within half an ulp
+# of its real result, so ``nextafter`` away from it gives a bound on the right side. A sum of n
+# products computed in any order (blocked, with FMA) is within gamma_n = n u / (1 - n u) times the
+# sum of the absolute products (Higham, Accuracy and Stability of Numerical Algorithms, §3.1);
+# ``_slack_factor`` takes 4 (n + 4) u, which also covers the few operations around each sum.
+
+UNIT_ROUNDOFF = 2.0 ** -53
+
+
+def _down(t):
+    """The next float64 below ``t`` (a lower bound of a real number ``t`` rounds to)."""
+    return torch.nextafter(t, torch.full_like(t, -math.inf))
+
+
+def _up(t):
+    """The next float64 above ``t``."""
+    return torch.nextafter(t, torch.full_like(t, math.inf))
+
+
+def _up_product(a, b):
+    """An upper bound of ``a * b`` (non-negative factors) that stays exactly 0 when a factor is 0."""
+    product = a * b
+    return torch.where((a == 0) | (b == 0), torch.zeros_like(product), _up(product))
+
+
+def _slack_factor(terms):
+    """Relative rounding slack of a float64 sum of ``terms`` products and a few operations around it."""
+    return 4 * (terms + 4) * UNIT_ROUNDOFF
+
+
+def _rigorous_affine(op, layer_rows, state, sigma):
+    """(lower, upper, centre, centre_err, radius) after affine ``op`` in float64, every rounding
+    covered: the box by interval arithmetic (mid/radius form), the ball-implied box by the centre's
+    enclosure plus ``radius * layer_rows`` (row norms, inflated for their own rounding)."""
+    slack = _slack_factor(op.fan_in)
+    mid = (state.lower + state.upper) * 0.5
+    half = _up(torch.maximum(state.upper - mid, mid - state.lower))      # [lower, upper] within mid +/- half
+    box_mid, box_rad = op.affine(mid), op.absolute(half)
+    widen = slack * (op.absolute(mid.abs()) + op.bias_abs() + box_rad)
+    box_low, box_high = _down(_down(box_mid - box_rad) - widen), _up(_up(box_mid + box_rad) + widen)
+    centre = op.affine(state.centre)
+    centre_err = _up(op.absolute(state.centre_err) * (1 + slack)
+                     + slack * (op.absolute(state.centre.abs()) + op.bias_abs()))
+    r = state.radius.view(-1, *([1] * (centre.dim() - 1)))
+    reach = _up(_up(r * (layer_rows * (1 + slack))) + centre_err)
+    lower = torch.maximum(box_low, _down(centre - reach))
+    upper = torch.minimum(box_high, _up(centre + reach))
+    return lower, upper, centre, centre_err, _up_product(state.radius, sigma)
+
+
+def _rigorous_ball_ends(state):
+    """The box intersected with the ball's coordinate bounds, the centre's error included."""
+    r = state.radius.view(-1, *([1] * (state.centre.dim() - 1)))
+    reach = _up(state.centre_err + r)
+    return (torch.maximum(state.lower, _down(state.centre - reach)),
+            torch.minimum(state.upper, _up(state.centre + reach)))
+
+
+# Registered activations compute in float64 with their own rounding, which the pass cannot see; it
+# assumes an error of at most this relative amount (plus ACTIVATION_ATOL) and widens by it.
+ACTIVATION_RTOL = 2.0 ** -40
+ACTIVATION_ATOL = 2.0 ** -1000
+
+
+def _widened(t, sign):
+    """``t`` moved by an activation's assumed rounding error, down (sign -1) or up (sign +1)."""
+    step = _up(t.abs() * ACTIVATION_RTOL + ACTIVATION_ATOL)
+    return _down(t - step) if sign < 0 else _up(t + step)
 
 
 # ----------------------------------------------------------------------------- fused interval steps
@@ -377,10 +480,17 @@ def affine_rule(layer, index, state, options):
     ``centre_j +/- r ||W_j||`` (the refined bound's 'rows': ``||W_j D_in||``, docs/method.md §7);
     the ball's radius grows by the layer's global norm."""
     op = make_operator(layer, state.centre.shape[1:])
+    masked_rows = 'rows' in options.settings.refines and state.mask is not None
+    if options.rigorous:
+        rows = op.masked_row_norms(state.mask) if masked_rows else op.row_norms()
+        sigma = state.centre.new_tensor(options.global_norms[index])
+        lower, upper, centre, centre_err, radius = _rigorous_affine(op, rows, state, sigma)
+        record = _record(state, index, op, sigma)
+        return replace(state, centre=centre, radius=radius, lower=lower, upper=upper, mask=None, owner=record,
+                       centre_err=centre_err)
     box_mid = op.affine((state.lower + state.upper) * 0.5)
     box_rad = op.absolute((state.upper - state.lower) * 0.5)
     centre = op.affine(state.centre)
-    masked_rows = 'rows' in options.settings.refines and state.mask is not None
     rows = op.masked_row_norms(state.mask) if masked_rows else op.row_norms()
     ball_rad = state.radius.view(-1, *([1] * (centre.dim() - 1))) * rows
     lower, upper = _BallBoxIntersection.apply(box_mid, box_rad, centre, ball_rad)
@@ -388,30 +498,57 @@ def affine_rule(layer, index, state, options):
         sigma = centre.new_tensor(options.global_norms[index])
     else:
         sigma = global_spectral_norm(op, options.settings.sniter, grad=options.settings.power_grad)
-    state.records.append(AffineRecord(index, op, sigma, in_mask=state.mask, radius_in=state.radius))
-    return replace(state, centre=centre, radius=state.radius * sigma, lower=lower, upper=upper, mask=None)
+    record = _record(state, index, op, sigma)
+    return replace(state, centre=centre, radius=state.radius * sigma, lower=lower, upper=upper, mask=None,
+                   owner=record)
 
 
-def _activation_step(index, state, act, mask, sparsity=0.0, theta=False):
+def _record(state, index, op, sigma):
+    """Append the record of affine layer ``index`` (its input mask is the current one)."""
+    record = AffineRecord(index, op, sigma, in_mask=state.mask, radius_in=state.radius)
+    state.records.append(record)
+    return record
+
+
+def _activation_step(index, state, act, mask, sparsity=0.0, theta=False, options=None, exact=True):
     """Shared part of every elementwise activation rule: box through ``act`` intersected with the
-    ball's box; ``mask`` (the varying neurons) becomes the output mask of the affine layer before.
+    ball's box; ``mask`` (the varying neurons) becomes the output mask of the affine layer whose
+    output coordinates it indexes (``BoundState.owner``), if any.
 
     For an elementwise non-decreasing ``act``, ``max(act(l), act(m - r)) = act(max(l, m - r))``
     (and likewise for the upper bound), so the intersection is taken before the activation.
     ``theta`` (a threshold tensor, or None for ReLU) selects the fused clip step instead of ``act``.
+    In a rigorous pass (``options.rigorous``) the ends are taken with the centre's error, and an
+    activation that is not ``exact`` in floating point (a registered one) is widened by its
+    assumed rounding; a 1-Lipschitz activation leaves the centre's error as it is, plus that rounding.
     """
-    if theta is not False:
+    err = state.centre_err
+    if options is not None and options.rigorous:
+        low, high = _rigorous_ball_ends(state)
+        lower, upper, centre = act(low), act(high), act(state.centre)
+        if not exact:
+            lower, upper = _widened(lower, -1), _widened(upper, 1)
+            err = _up(err + _up(centre.abs() * ACTIVATION_RTOL + ACTIVATION_ATOL))
+    elif theta is not False:
         lower, upper, centre = _ClippedBallStep.apply(state.lower, state.upper, state.centre, state.radius, theta)
     else:
         r = state.radius.view(-1, *([1] * (state.centre.dim() - 1)))
         lower = act(torch.maximum(state.lower, state.centre - r))
         upper = act(torch.minimum(state.upper, state.centre + r))
         centre = act(state.centre)
-    if state.records:
-        record = state.records[-1]
-        record.out_mask = mask.reshape(mask.size(0), *record.op.out_shape)
+    if state.owner is not None:
+        _add_out_mask(state.owner, mask)
     _count_varying(state, index, mask)
-    return replace(state, centre=centre, lower=lower, upper=upper, mask=mask, sparsity=state.sparsity + sparsity)
+    return replace(state, centre=centre, lower=lower, upper=upper, mask=mask, sparsity=state.sparsity + sparsity,
+                   centre_err=err)
+
+
+def _add_out_mask(record, mask):
+    """Mark as fixed the output neurons of ``record``'s layer that ``mask`` (same coordinates, any
+    shape) marks fixed: a neuron held constant by any elementwise activation after the layer is
+    constant through all of them."""
+    mask = mask.reshape(mask.size(0), *record.op.out_shape)
+    record.out_mask = mask if record.out_mask is None else record.out_mask * mask
 
 
 def _count_varying(state, index, mask):
@@ -427,13 +564,13 @@ def relux_rule(layer, index, state, options):
     sp_thres = options.settings.sp_thres
     if sp_thres is not None:
         sparsity = F.relu(state.upper).mean() + sp_thres * F.relu(theta - state.lower).mean()
-    return _activation_step(index, state, lambda t: relu_x(t, theta), mask, sparsity, theta=theta)
+    return _activation_step(index, state, lambda t: relu_x(t, theta), mask, sparsity, theta=theta, options=options)
 
 
 def relu_rule(layer, index, state, options):
     mask = (~(state.upper <= 0)).to(state.centre.dtype)      # a NaN bound is never fixed
     sparsity = F.relu(state.upper).mean() if options.settings.sp_thres is not None else 0.0
-    return _activation_step(index, state, F.relu, mask, sparsity, theta=None)
+    return _activation_step(index, state, F.relu, mask, sparsity, theta=None, options=options)
 
 
 def monotone_rule(act, fixed):
@@ -445,7 +582,7 @@ def monotone_rule(act, fixed):
     def rule(layer, index, state, options):
         finite = torch.isfinite(state.lower) & torch.isfinite(state.upper)
         mask = (~(fixed(layer, state.lower, state.upper) & finite)).to(state.centre.dtype)
-        return _activation_step(index, state, lambda t: act(layer, t), mask)
+        return _activation_step(index, state, lambda t: act(layer, t), mask, options=options, exact=False)
     return rule
 
 
@@ -456,21 +593,27 @@ def maxmin_rule(layer, index, state, options):
     (``max(min(A, t), min(B, t)) = min(max(A, B), t)``) and ``act(m -/+ r)`` before clipping is
     ``(max(a, b) -/+ r, min(a, b) -/+ r)`` for the channel halves a, b of m. Same values.
     """
-    def halves(t):
-        return t.split(t.size(1) // 2, dim=1)
-
     r = state.radius.view(-1, *([1] * (state.centre.dim() - 1)))
-    (low_a, low_b), (up_a, up_b), (c_a, c_b) = halves(state.lower), halves(state.upper), halves(state.centre)
+    (low_a, low_b), (up_a, up_b), (c_a, c_b) = _halves(state.lower), _halves(state.upper), _halves(state.centre)
     c_high, c_low = _larger(c_a, c_b), _smaller(c_a, c_b)
-    lower_high = _larger(_larger(low_a, low_b), c_high - r)
-    lower_low = _larger(_smaller(low_a, low_b), c_low - r)
-    upper_high = _smaller(_larger(up_a, up_b), c_high + r)
-    upper_low = _smaller(_smaller(up_a, up_b), c_low + r)
+    centre_err = state.centre_err
+    if options.rigorous:        # max and min are 1-Lipschitz coordinate-wise: a pair's error is the larger one
+        err = torch.maximum(*_halves(state.centre_err))
+        centre_err, reach = torch.cat([err, err], dim=1), _up(err + r)
+        below = lambda t: _down(t - reach)  # noqa: E731
+        above = lambda t: _up(t + reach)  # noqa: E731
+    else:
+        below, above = (lambda t: t - r), (lambda t: t + r)
+    lower_high = _larger(_larger(low_a, low_b), below(c_high))
+    lower_low = _larger(_smaller(low_a, low_b), below(c_low))
+    upper_high = _smaller(_larger(up_a, up_b), above(c_high))
+    upper_low = _smaller(_smaller(up_a, up_b), above(c_low))
     top, bottom = layer.max, layer.min
     lower = torch.cat([_smaller(lower_high, top), _larger(lower_low, bottom)], dim=1)
     upper = torch.cat([_smaller(upper_high, top), _larger(upper_low, bottom)], dim=1)
     centre = torch.cat([_smaller(c_high, top), _larger(c_low, bottom)], dim=1)
-    new = replace(state, centre=centre, lower=lower, upper=upper, mask=None)
+    # a MaxMin mixes its pairs: the tensor no longer indexes the previous layer's outputs (owner None)
+    new = replace(state, centre=centre, lower=lower, upper=upper, mask=None, owner=None, centre_err=centre_err)
     high_lower, _ = new.lower.split(new.lower.size(1) // 2, dim=1)
     _, low_upper = new.upper.split(new.upper.size(1) // 2, dim=1)
     fixed = torch.cat([high_lower >= layer.max, low_upper <= layer.min], dim=1)
@@ -481,10 +624,15 @@ def maxmin_rule(layer, index, state, options):
     return new
 
 
+def _halves(t):
+    """The two channel halves of ``t`` (a MaxMin's pairs)."""
+    return t.split(t.size(1) // 2, dim=1)
+
+
 def flatten_rule(layer, index, state, options):
     flat = lambda t: None if t is None else t.reshape(t.size(0), -1)  # noqa: E731
     return replace(state, centre=flat(state.centre), lower=flat(state.lower), upper=flat(state.upper),
-                   mask=flat(state.mask))
+                   mask=flat(state.mask), centre_err=flat(state.centre_err))
 
 
 RULES = {                       # layer type -> bound rule (activations: see register_activation)
@@ -569,10 +717,11 @@ def unmodelled_variant(layer):
 MAX_EPS = 1e4
 
 
-def per_sample_eps(eps, x):
-    """``eps`` (a number, or one per sample) as a tensor [B] on x's device; BoundError unless every
-    value is finite, >= 0 and at most ``MAX_EPS``."""
-    values = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+def per_sample_eps(eps, x, dtype=None):
+    """``eps`` (a number, or one per sample) as a tensor [B] on x's device in ``dtype`` (default
+    x's; guaranteed passes take float64, which holds a Python float exactly); BoundError unless
+    every value is finite, >= 0 and at most ``MAX_EPS``."""
+    values = torch.as_tensor(eps, dtype=dtype or x.dtype, device=x.device)
     if values.dim() == 0:
         values = values.expand(x.size(0))
     if values.shape != (x.size(0),):
@@ -603,10 +752,22 @@ def propagate(model, x, eps, settings=CERTIFIED, global_norms=None, *, starts=No
     settings = _checked(settings)
     if global_norms is None and settings.guaranteed:
         global_norms = _global_norm_bounds(model, x.shape[1:], settings)
-    options = PassOptions(settings, global_norms)
-    radius = per_sample_eps(eps, x).clone()
-    shaped = radius.view(-1, *([1] * (x.dim() - 1)))
-    state = BoundState(x, radius, x - shaped, x + shaped)
+    options = PassOptions(settings, global_norms, rigorous=settings.guaranteed)
+    radius = per_sample_eps(eps, x, torch.float64 if options.rigorous else None).clone()
+    if options.rigorous:
+        model, x, radius = float64_copy(model), x.double(), radius.double()
+        shaped = radius.view(-1, *([1] * (x.dim() - 1)))
+        state = BoundState(x, radius, _down(x - shaped), _up(x + shaped), centre_err=torch.zeros_like(x))
+    else:
+        shaped = radius.view(-1, *([1] * (x.dim() - 1)))
+        state = BoundState(x, radius, x - shaped, x + shaped)
+    with _exact_float64_kernels(x.device, options.rigorous):
+        return _run_layers(model, state, options, starts, store_layers, steps, x)
+
+
+def _run_layers(model, state, options, starts, store_layers, steps, x):
+    """``propagate``'s loop over every layer but the last."""
+    settings = options.settings
     follow = 'radius' in settings.refines
     if follow:
         if settings.guaranteed and starts is None:
@@ -619,6 +780,22 @@ def propagate(model, x, eps, settings=CERTIFIED, global_norms=None, *, starts=No
         if follow and type(layer) in ACTIVATIONS:
             state = state.pass_norms.settle(state)
     return state.pass_norms.settle(state) if follow else state
+
+
+def float64_copy(model):
+    """An exact float64 copy of ``model`` (every float32/16 value is a float64), on its device."""
+    return copy.deepcopy(model).double()
+
+
+@contextlib.contextmanager
+def _exact_float64_kernels(device, rigorous):
+    """Within a rigorous pass on CUDA, convolutions by plain sums of products (cuDNN may choose
+    FFT or Winograd algorithms, whose error is not the summation bound the slack assumes)."""
+    if rigorous and torch.device(device).type == 'cuda':
+        with torch.backends.cudnn.flags(enabled=False):
+            yield
+    else:
+        yield
 
 
 def _guaranteed_refined(settings):
@@ -905,7 +1082,9 @@ class PassNorms:
             return state
         rec = state.records[-1]
         rec.sigma = self._norm(rec, state.centre.size(0))
-        return replace(state, radius=rec.radius_in * rec.sigma)
+        rigorous = state.centre_err is not None
+        radius = _up_product(rec.radius_in, rec.sigma) if rigorous else rec.radius_in * rec.sigma
+        return replace(state, radius=radius)
 
     def _norm(self, rec, batch):
         if self.store_layers is not None and rec.index not in self.store_layers:
@@ -935,17 +1114,21 @@ def guaranteed_refined_product(model, x, y, eps, settings, index=None):
     once the upper bounds certify it, or once the estimates of its round do not, else at the last
     round; ``y`` None: once its product's bound is within ``settings.tol`` (default 1e-2) of its
     estimate. Every bound is one check of one norm, so the failure budget is that of
-    ``guaranteed_local_product``. Returns (product [B], label column or None, norms, the
-    BoundState of every sample's deciding round, assembled)."""
+    ``guaranteed_local_product``. Decisions are ``rigorous_decision``'s. Returns (product [B],
+    label column or None, norms, the BoundState of every sample's deciding round, assembled,
+    certified [B] bool or None)."""
     batch, device = x.size(0), x.device
-    last = list(model)[-1]
+    last = float64_copy(list(model)[-1])
     shapes = affine_input_shapes(model, x.shape[1:])
     starts = fresh_starts(shapes, batch, index, settings.seed, device)
     global_norms = _global_norm_bounds(model, x.shape[1:], settings)
     checks = guaranteed.check_steps(settings.sniter)
     product = torch.zeros(batch, dtype=x.dtype, device=device)
     norms = {i: torch.zeros(batch, dtype=torch.float64, device=device) for i in shapes}
-    column, decided = None, None
+    column, decided, certified = None, None, None
+    if y is not None:
+        column = torch.zeros(batch, last.out_features, dtype=torch.float64, device=device)
+        certified = torch.zeros(batch, dtype=torch.bool, device=device)
     remaining = torch.arange(batch, device=device)
     for k, steps in enumerate(checks):
         sub_starts = {i: u[remaining] for i, u in starts.items()}
@@ -956,15 +1139,11 @@ def guaranteed_refined_product(model, x, y, eps, settings, index=None):
         last_round = k + 1 == len(checks)
         if y is None:
             done = torch.full_like(high, last_round, dtype=torch.bool) | _settled(high, low, state.records, settings)
-        else:
-            logits, ys = last(state.centre), y[remaining]
-            column_high = worst_case_column(last, ys, state, eps[remaining] * high.to(eps.dtype), settings)
-            column_low = worst_case_column(last, ys, state, eps[remaining] * low.to(eps.dtype), settings)
-            certified = certifies_with(logits, ys, column_high)
-            done = certified | ~certifies_with(logits, ys, column_low) | last_round
-            if column is None:
-                column = torch.zeros(batch, column_high.size(1), dtype=column_high.dtype, device=device)
+        else:           # the pass's final radius is the rounded-up product of the upper bounds
+            holds, column_high, done = _decided(last, y[remaining], state, state.radius,
+                                                _rigorous_radius(eps[remaining], low, len(state.records)), last_round)
             column[remaining[done]] = column_high[done]
+            certified[remaining[done]] = holds[done]
         product[remaining[done]] = high[done].to(x.dtype)
         for rec in state.records:
             norms[rec.index][remaining[done]] = rec.sigma.double()[done]
@@ -972,7 +1151,16 @@ def guaranteed_refined_product(model, x, y, eps, settings, index=None):
         remaining = remaining[~done]
         if not remaining.numel():
             break
-    return product, column, norms, decided
+    return product, column, norms, decided, certified
+
+
+def _decided(last, y, state, radius_high, radius_low, last_check):
+    """(certified, label column, done) at one check: certified by the upper bounds' radius, done
+    when certified, when the estimates' radius does not certify either (the converged norms lie
+    between the two), or at the last check."""
+    holds, column = rigorous_decision(last, y, state, radius_high)
+    hopeless = ~rigorous_decision(last, y, state, radius_low)[0]
+    return holds, column, holds | hopeless | last_check
 
 
 def _merged(merged, state, rows, done, batch):
@@ -980,8 +1168,9 @@ def _merged(merged, state, rows, done, batch):
     if merged is None:
         empty = lambda t: t.new_zeros(batch, *t.shape[1:])  # noqa: E731
         merged = BoundState(empty(state.centre), empty(state.radius), empty(state.lower), empty(state.upper),
-                            records=state.records, varying={i: empty(v) for i, v in state.varying.items()})
-    for name in ('centre', 'radius', 'lower', 'upper'):
+                            records=state.records, varying={i: empty(v) for i, v in state.varying.items()},
+                            centre_err=empty(state.centre_err))
+    for name in ('centre', 'radius', 'lower', 'upper', 'centre_err'):
         getattr(merged, name)[rows] = getattr(state, name).detach()[done]
     for i, fraction in state.varying.items():
         merged.varying[i][rows] = fraction[done]
@@ -1002,22 +1191,26 @@ def _settled(high, low, records, settings):
 
 def _rows_of(state, rows):
     """The penultimate centre and box of ``rows`` (what the last layer reads)."""
-    return BoundState(state.centre[rows], state.radius[rows], state.lower[rows], state.upper[rows])
+    err = None if state.centre_err is None else state.centre_err[rows]
+    return BoundState(state.centre[rows], state.radius[rows], state.lower[rows], state.upper[rows], centre_err=err)
 
 
-def guaranteed_local_product(state, last, logits, y, eps, settings, index=None):
+def guaranteed_local_product(state, last, y, eps, settings, index=None):
     """Guaranteed per-sample products and label columns, decided check by check.
 
     At each check (``guaranteed.check_steps``) every layer's norm has an estimate and an upper
     bound; a sample stops once the upper bounds certify it (certified) or the estimates do not
     (the converged norms, which lie between the two, would not either), else at the last check.
     ``y`` None: no decisions; a sample stops once its product's bound is within ``settings.tol``
-    (default 1e-2) of its estimate. Returns (product [B], label column [B, C] or None, norms).
+    (default 1e-2) of its estimate. ``state`` is a rigorous pass's and ``last`` the float64 copy
+    of the last layer (``rigorous_decision``). Returns (product [B], label column [B, C] float64 or
+    None, norms, certified [B] bool or None).
     """
     batch, device = state.centre.size(0), state.centre.device
     product = torch.zeros(batch, dtype=torch.float64, device=device)
     norms = {rec.index: torch.zeros(batch, dtype=torch.float64, device=device) for rec in state.records}
-    column = None if y is None else torch.zeros_like(logits)
+    column = None if y is None else torch.zeros(batch, last.out_features, dtype=torch.float64, device=device)
+    certified = None if y is None else torch.zeros(batch, dtype=torch.bool, device=device)
     checks = guaranteed.check_steps(settings.sniter)
     delta = settings.failure_prob / failure_events(settings, len(state.records))
     shapes = {rec.index: rec.op.in_shape for rec in state.records}
@@ -1036,18 +1229,18 @@ def guaranteed_local_product(state, last, logits, y, eps, settings, index=None):
         if y is None:
             done = torch.full_like(low, last_check, dtype=torch.bool) | _settled(high, low, state.records, settings)
         else:
-            sub, ys = _rows_of(state, remaining), y[remaining]
-            column_high = worst_case_column(last, ys, sub, eps[remaining] * high.to(eps.dtype), settings)
-            column_low = worst_case_column(last, ys, sub, eps[remaining] * low.to(eps.dtype), settings)
-            certified = certifies_with(logits[remaining], ys, column_high)
-            done = certified | ~certifies_with(logits[remaining], ys, column_low) | last_check
+            factors = len(state.records)
+            holds, column_high, done = _decided(last, y[remaining], _rows_of(state, remaining),
+                                                _rigorous_radius(eps[remaining], high, factors),
+                                                _rigorous_radius(eps[remaining], low, factors), last_check)
             column[remaining[done]] = column_high[done]
+            certified[remaining[done]] = holds[done]
         product[remaining[done]] = high[done]
         for i, (_, upper) in bounds.items():
             norms[i][remaining[done]] = upper[done]
         runs.keep(~done)
         remaining = remaining[~done]
-    return product.to(state.centre.dtype), column, norms
+    return product, column, norms, certified
 
 
 def worst_case_column(last, y, state, radius, settings):
@@ -1055,6 +1248,48 @@ def worst_case_column(last, y, state, radius, settings):
     penultimate ``state`` and per-sample ``radius`` (``last_layer.label_column`` with ``settings``)."""
     return label_column(last.weight, y, state, radius, settings.opt_iter, layout=settings.layout,
                         translation=settings.translation)
+
+
+def rigorous_decision(last, y, state, radius):
+    """(certified bool [B], label column [B, C] float64) from a rigorous pass's penultimate
+    ``state`` (float64, with ``centre_err``), the float64 copy ``last`` of the last layer and
+    ``radius`` [B], an upper bound of the radius of the ball around the real centre's image.
+
+    For ``x'`` in the input ball, ``f_j(x') - f_y(x') = <w, c* + d> + b_j - b_y`` with
+    ``w = W_j - W_y``, ``c*`` the real penultimate centre (within ``centre_err`` of the computed
+    one) and ``d`` in the ball of ``radius`` and in the box relative to ``c*``. The gap is bounded
+    by ``<w, c> + |w| . centre_err + (b_j - b_y)``, plus the rounding of those sums, plus the dual
+    bound of ``max <w, d>`` over the widened relative box (``last_layer.dual_bound``). Certified:
+    every gap bound is finite and below 0 (the clean prediction is then right too). The column is
+    the gap bound minus the computed ``z_j - z_y``, so that ``translate`` gives ``z_y + gap``."""
+    weight, bias = last.weight.detach(), last.bias
+    classes = weight.size(0)
+    label_rows = weight[y]
+    w = weight.unsqueeze(0) - label_rows.unsqueeze(1)                            # [B, C, h]
+    c, err = state.centre, state.centre_err
+    bias_gap = 0.0 if bias is None else bias.detach().unsqueeze(0) - bias.detach()[y].unsqueeze(1)
+    bias_size = 0.0 if bias is None else bias.detach().abs().unsqueeze(0) + bias.detach()[y].abs().unsqueeze(1)
+    dot = (w * c.unsqueeze(1)).sum(-1) + bias_gap
+    spread = (w.abs() * err.unsqueeze(1)).sum(-1)
+    size = ((weight.abs().unsqueeze(0) + label_rows.abs().unsqueeze(1))
+            * (c.abs() + err).unsqueeze(1)).sum(-1) + bias_size
+    low = torch.clamp(_down(_down(state.lower - c) - err), max=0).unsqueeze(1)
+    high = torch.clamp(_up(_up(state.upper - c) + err), min=0).unsqueeze(1)
+    radius = radius.double()
+    _, lam = exact_solution(w, low, high, radius)
+    reach = dual_bound(w, low, high, radius, lam)
+    slack = _slack_factor(weight.size(1))
+    gap = _up(dot + spread * (1 + slack) + slack * size + reach)
+    own = torch.arange(classes, device=y.device) == y.unsqueeze(1)
+    gap = torch.where(own, torch.zeros_like(gap), gap)
+    others = torch.where(own, torch.full_like(gap, -math.inf), gap)
+    certified = torch.isfinite(gap).all(dim=1) & (others.max(dim=1).values < 0)
+    return certified, gap - dot
+
+
+def _rigorous_radius(eps, product, factors):
+    """An upper bound of ``eps * product`` (float64; ``product`` of ``factors`` rounded norms)."""
+    return _up_product(eps.double(), product.double() * (1 + _slack_factor(factors)))
 
 
 def certifies_with(logits, y, column):
@@ -1079,6 +1314,7 @@ class BoundOutput:
     global_norms: dict = field(default_factory=dict)  # {affine layer index: the global norm that sized its box}
     finite: Optional[torch.Tensor] = None         # bool [B]: box, translation and product all finite
     failure_prob: Optional[float] = None          # guaranteed: a certificate fails with at most this
+    certified: Optional[torch.Tensor] = None      # guaranteed: bool [B], decided by ``rigorous_decision``
 
 
 def check_boundable(model):
@@ -1117,6 +1353,8 @@ def certified_predictions(out, y):
     product and worst-case logits, and the label's worst-case logit first by more than the margin
     (``MARGIN_RTOL``)."""
     finite = out.finite if out.finite is not None else torch.ones_like(y, dtype=torch.bool)
+    if out.certified is not None:            # a guaranteed pass decided with every rounding covered
+        return out.certified & torch.isfinite(out.lipschitz) & finite
     return (correct_predictions(out.logits, y) & torch.isfinite(out.lipschitz) & finite
             & strictly_first(out.worst, y, MARGIN_RTOL))
 
@@ -1138,18 +1376,14 @@ def bound_outputs(model, x, y, eps, settings=CERTIFIED, *, store=None, index=Non
     training loss); ``finite`` records them, and ``certified_predictions`` never certifies them.
     """
     settings = _checked(settings)
-    eps = per_sample_eps(eps, x)
+    eps = per_sample_eps(eps, x, torch.float64 if settings.guaranteed else None)
     last = list(model)[-1]
-    if _guaranteed_refined(settings):
-        check_boundable(model)
-        product, column, norms, state = guaranteed_refined_product(model, x, y, eps, settings, index)
-        logits = last(state.centre)
-    elif settings.guaranteed and settings.bound != 'global':
-        state = propagate(model, x, eps, settings)
-        logits = last(state.centre)
-        product, column, norms = guaranteed_local_product(state, last, logits, y, eps, settings, index)
-    else:                       # estimates, or the product of the guaranteed global norms (no store)
-        store = None if settings.guaranteed else store
+    certified = None
+    if settings.guaranteed:
+        product, column, norms, state, certified = _guaranteed_outputs(model, x, y, eps, settings, index)
+        logits = float64_copy(last)(state.centre).to(x.dtype)
+        column, product = column.to(x.dtype), product.to(x.dtype)
+    else:
         starts = store.gather(index, x.device, x.dtype) if store is not None else None
         state = propagate(model, x, eps, settings, starts=starts, store_layers=store)
         logits = last(state.centre)
@@ -1164,7 +1398,25 @@ def bound_outputs(model, x, y, eps, settings=CERTIFIED, *, store=None, index=Non
     return BoundOutput(logits, translate(logits, y, column, settings.gloro), product, sparsity, norms,
                        state.varying, global_product,
                        {rec.index: float(rec.global_sigma.detach()) for rec in state.records}, finite,
-                       settings.failure_prob if settings.guaranteed else None)
+                       settings.failure_prob if settings.guaranteed else None, certified)
+
+
+def _guaranteed_outputs(model, x, y, eps, settings, index):
+    """(product, label column, norms, penultimate state, certified) of a guaranteed pass: local
+    and refined bounds decided check by check, the global one from its guaranteed global norms;
+    every decision by ``rigorous_decision`` (never a store: fresh starts, see ``bound_outputs``)."""
+    if _guaranteed_refined(settings):
+        check_boundable(model)
+        product, column, norms, state, certified = guaranteed_refined_product(model, x, y, eps, settings, index)
+        return product, column, norms, state, certified
+    state = propagate(model, x, eps, settings)
+    last = float64_copy(list(model)[-1])
+    if settings.bound != 'global':
+        product, column, norms, certified = guaranteed_local_product(state, last, y, eps, settings, index)
+        return product, column, norms, state, certified
+    product, _, norms = lipschitz_product(state, settings)
+    certified, column = rigorous_decision(last, y, state, _rigorous_radius(eps, product, len(state.records)))
+    return product, column, norms, state, certified
 
 
 def worst_case_logits(model, x, y, eps, settings, *, store=None, index=None):
@@ -1189,14 +1441,20 @@ def local_lipschitz(model, x, eps, settings=CERTIFIED, *, index=None):
     the paper's local bound, or the refined one with ``settings.bound == 'refined'`` (a global
     ``settings.bound`` reads as local)."""
     settings = _masked(_checked(settings))
-    eps = per_sample_eps(eps, x)
+    eps = per_sample_eps(eps, x, torch.float64 if settings.guaranteed else None)
     if _guaranteed_refined(settings):
         check_boundable(model)
-        return guaranteed_refined_product(model, x, None, eps, settings, index)[0]
+        return _rounded_up(guaranteed_refined_product(model, x, None, eps, settings, index)[0], x.dtype)
     state = propagate(model, x, eps, settings)
     if settings.guaranteed:
-        return guaranteed_local_product(state, None, None, None, eps, settings, index)[0]
+        return _rounded_up(guaranteed_local_product(state, None, None, eps, settings, index)[0], x.dtype)
     return lipschitz_product(state, settings)[0]
+
+
+def _rounded_up(t, dtype):
+    """``t`` in ``dtype``, rounded up where the conversion rounded down (an upper bound stays one)."""
+    low = t.to(dtype)
+    return torch.where(low.double() < t.double(), torch.nextafter(low, torch.full_like(low, math.inf)), low)
 
 
 @torch.no_grad()
@@ -1218,7 +1476,7 @@ def layer_norms(model, x, eps, settings=CERTIFIED, *, precise=False, rtol=1e-6):
     if _guaranteed_refined(settings):
         return {rec.index: rec.sigma.detach() for rec in state.records}
     if settings.guaranteed:
-        return guaranteed_local_product(state, None, None, None, per_sample_eps(eps, x), settings)[2]
+        return guaranteed_local_product(state, None, None, per_sample_eps(eps, x, torch.float64), settings)[2]
     return lipschitz_product(state, settings)[2]
 
 

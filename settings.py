@@ -33,7 +33,8 @@ class BoundSettings:
         or 'power' (estimates from below), 'precise' (float64, converged: audits).
     sniter: most operator applications per norm (power rounds or Lanczos steps).
     tol: the estimate methods' stopping tolerance (None: their default).
-    translation / opt_iter / layout: the last-layer solver (``last_layer.py``).
+    translation / opt_iter / layout: the last-layer solver (``last_layer.py``); guaranteed settings
+        require 'exact' (the iterative solver is an estimate, not an upper bound).
     bound: 'local' (the paper's: masked norms), 'refined' (masked norms, and each layer's ball
         sized by them; docs/method.md §7) or 'global' (plain norms).
     refinements: with bound='refined', which of its two refinements apply: 'rows' (masked row
@@ -80,6 +81,9 @@ class BoundSettings:
             raise ValueError("power_grad='final' applies to power iteration only (method='power')")
         if self.tol is not None and not (self.tol > 0):
             raise ValueError(f'tol must be positive, not {self.tol}')
+        if self.guaranteed and self.translation != 'exact':
+            raise ValueError("guaranteed certificates use the exact last layer (translation='exact'): the "
+                             "iterative clip-and-rescale is an estimate, kept for training and the estimate presets")
 
     @property
     def guaranteed(self):
@@ -100,8 +104,8 @@ class BoundSettings:
         bound = '' if self.bound == 'local' else f'{self.bound} bound, '
         if self.guaranteed:
             return (f'{bound}guaranteed norms (upper bounds; a certificate fails with probability at most '
-                    f'{self.failure_prob:g}), {self.translation} last layer, at most {self.sniter} Lanczos '
-                    'steps per norm')
+                    f'{self.failure_prob:g}), exact last layer checked by duality, float64 pass with outward '
+                    f'rounding, at most {self.sniter} Lanczos steps per norm')
         return (f'{bound}estimate ({self.method}, {self.sniter} iterations, {self.translation} last layer): '
                 'norms approach from below, no guarantee')
 

@@ -69,9 +69,10 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
                         '--failure_prob (docs/certificates.md); lanczos = Krylov estimate with per-sample '
                         'stopping; power = the authors\' power iteration (--test_sniter rounds); the last two '
                         'are estimates from below, without a guarantee')
-    g.add_argument('--translation', choices=['iterative', 'exact'], default='iterative',
+    g.add_argument('--translation', choices=['iterative', 'exact'], default=None,
                    help='last-layer worst case at test time: iterative = the authors\' clip-and-rescale '
-                        '(--test_opt_iter rounds), exact = the exact optimum (sorted breakpoints)')
+                        '(--test_opt_iter rounds, an estimate), exact = the exact optimum (sorted breakpoints); '
+                        'default: exact with --spectral guaranteed (which requires it), else iterative')
     g.add_argument('--failure_prob', type=float, default=1e-9,
                    help='with --spectral guaranteed: probability that a certificate rests on a norm that is '
                         'not an upper bound (union over all its norms)')
@@ -170,6 +171,9 @@ def finish_args(parser, args, training=True):
         parser.error('--workers must be >= 0')
     if training:
         _check_training(parser, args)
+    if getattr(args, 'spectral', None) == 'guaranteed' and args.translation == 'iterative':
+        parser.error('--translation iterative is an estimate; guaranteed certificates (--spectral guaranteed) '
+                     'use the exact last layer: drop --translation or choose --spectral lanczos/power')
     check_numbers(parser, args)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         parser.error(f'--device {args.device} requested but CUDA is not available')

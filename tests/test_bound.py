@@ -606,7 +606,7 @@ def test_activation_rule_values_and_gradients_on_handmade_states(kind, shape):
     lower, upper, centre_, radius_ = leaves
     # the rules read only the recorded operator's output shape (to shape its out_mask)
     record = lb.AffineRecord(0, SimpleNamespace(out_shape=shape), torch.tensor(1.0, dtype=DT))
-    state = lb.BoundState(centre_, radius_, lower, upper, None, [record])
+    state = lb.BoundState(centre_, radius_, lower, upper, None, [record], owner=record)
     new = lb.rule_for(layer)(layer, 1, state, lb.PassOptions(TRAINING))
     ref = _reference_activation_box(layer, lower, upper, centre_, radius_)
     ball_binds = ((centre_ - radius_.view(-1, *([1] * len(shape)))) > lower).float().mean()
