@@ -240,11 +240,13 @@ def _rigorous_affine(op, layer_rows, state, sigma):
     mid = (state.lower + state.upper) * 0.5
     half = _up(torch.maximum(state.upper - mid, mid - state.lower))      # [lower, upper] within mid +/- half
     box_mid, box_rad = op.affine(mid), op.absolute(half)
-    widen = slack * (op.absolute(mid.abs()) + op.bias_abs() + box_rad)
+    widen = slack * (op.absolute(mid.abs() + half) + op.bias_abs())
     box_low, box_high = _down(_down(box_mid - box_rad) - widen), _up(_up(box_mid + box_rad) + widen)
     centre = op.affine(state.centre)
-    centre_err = _up(op.absolute(state.centre_err) * (1 + slack)
-                     + slack * (op.absolute(state.centre.abs()) + op.bias_abs()))
+    # |W| err + gamma (|W| |c| + |b|) as one sum of non-negative terms, whose own rounding the
+    # factor (1 + slack) covers
+    centre_err = _up((op.absolute(state.centre_err + slack * state.centre.abs()) + slack * op.bias_abs())
+                     * (1 + slack))
     r = state.radius.view(-1, *([1] * (centre.dim() - 1)))
     reach = _up(_up(r * (layer_rows * (1 + slack))) + centre_err)
     lower = torch.maximum(box_low, _down(centre - reach))
