@@ -69,8 +69,8 @@ class Step:
 def explicit_affine(layer, in_shape):
     """(matrix [out, in], bias [out]) of a Linear or Conv2d on inputs of ``in_shape``, float64,
     the matrix built column by column from the basis vectors."""
-    weight = layer.weight.detach().to(DT)
-    bias = layer.bias.detach().to(DT) if layer.bias is not None else None
+    weight = layer.weight.detach().to(device='cpu', dtype=DT)
+    bias = layer.bias.detach().to(device='cpu', dtype=DT) if layer.bias is not None else None
     if isinstance(layer, nn.Linear):
         if len(in_shape) != 1:
             raise ReferenceError(f'a Linear layer on an input of shape {in_shape} (flatten it first)')
