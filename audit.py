@@ -13,7 +13,15 @@ evaluation reported (the same examples, whatever happened to the model's warm ve
 re-checked with float64 norms converged to 1e-6 (explicit SVD of small layers, Lanczos with full
 re-orthogonalisation otherwise) and the exact last-layer solver; the masks are re-derived from
 converged global norms and eps is enlarged by the amount the pass's global norms fell short of
-them, so the re-check is never more lenient than the reported pass.
+them, so the re-check is never more lenient than the reported pass. It shares the pass's own
+bookkeeping of masks, so it cannot see a mistake there.
+
+Independent audit (``evaluate.py --audit`` too, ``independent_audit`` here): the same reported
+certificates, re-checked by code that shares nothing with the pass. Where every layer's explicit
+matrix fits (``reference.DEFAULT_LIMIT`` entries), the float64 reference of ``reference.py`` (its
+own interval arithmetic and masks, exact SVDs of the explicit masked matrices, its own last-layer
+solver) must confirm each one; for every model, float64 PGD on the logit gap and random points of
+the ball and of its sphere must not flip any.
 """
 import argparse
 import math
@@ -26,6 +34,7 @@ import attacks
 import evaluation
 import local_bound
 import ranks
+import reference
 import utils
 
 
@@ -94,6 +103,69 @@ def convergence_audit(model, loader, args, runtime, eps, reported, rtol=1e-6):
         report.products += product.double().cpu().tolist()
     if report.certified != len(wanted):
         raise RuntimeError(f'convergence audit: found {report.certified} of the {len(wanted)} reported '
+                           'certificates in the data (the loader changed between the passes)')
+    return report
+
+
+# ----------------------------------------------------------------------------- independent
+
+@dataclass
+class IndependentReport:
+    certified: int = 0                 # M: certificates the evaluation reported (all examined)
+    reference: str = ''                # why the float64 reference did not apply ('': it checked all M)
+    unconfirmed: int = 0               # not confirmed by the reference
+    broken: int = 0                    # flipped by a point of the ball
+    largest_gap: float = -math.inf     # largest max_{j != y} z_j - z_y the attacks found (>= 0: a flip)
+    unconfirmed_indices: list = field(default_factory=list)
+    broken_indices: list = field(default_factory=list)
+
+    @property
+    def failed(self):
+        """Certificates that failed either check (an example may fail both)."""
+        return len(set(self.unconfirmed_indices) | set(self.broken_indices))
+
+    def lines(self):
+        if self.reference:
+            checked = f'audit: the independent float64 reference does not apply ({self.reference}): attacks only'
+        else:
+            checked = (f'audit: {self.unconfirmed} of {self.certified} certificates not confirmed by the independent '
+                       'reference (float64: own interval arithmetic and masks, exact SVDs, exact last layer)')
+        return [checked, f'audit: {self.broken} of {self.certified} certified examples broken by float64 PGD and '
+                         f'ball sampling; largest logit gap found {self.largest_gap:.4g} (>= 0 breaks)']
+
+
+def independent_audit(model, loader, eps, reported, *, steps=100, restarts=1, samples=100, seed=0,
+                      limit=reference.DEFAULT_LIMIT):
+    """Re-check the certificates of a reported pass (``reported.certified_index``: dataset indices)
+    with code independent of the pass: the float64 reference (``reference.Reference``, when every
+    matrix has at most ``limit`` entries) must certify each, and ``reference.attack_gaps`` (PGD,
+    ``steps`` x ``restarts``, and ``samples`` random points, on a float64 copy of the model) must
+    find no point of the eps-ball where another class reaches the label. Returns an IndependentReport."""
+    report = IndependentReport()
+    wanted = set(torch.as_tensor(reported.certified_index).tolist())
+    if not wanted:
+        return report
+    twin, ref = reference.float64_copy(model), None
+    for x, y, index in loader:
+        keep = torch.tensor([int(i) in wanted for i in torch.as_tensor(index)], dtype=torch.bool)
+        if not keep.any():
+            continue
+        xs, ys, ids = x[keep].cpu(), y[keep].cpu(), torch.as_tensor(index)[keep].tolist()
+        if ref is None and not report.reference:
+            report.reference = reference.cannot_check(model, xs.shape[1:], limit)
+            ref = None if report.reference else reference.Reference(model, xs.shape[1:], limit)
+        if ref is not None:
+            confirmed = ref.certified(xs, ys, eps)
+            report.unconfirmed += int((~confirmed).sum())
+            report.unconfirmed_indices += [i for i, ok in zip(ids, confirmed.tolist()) if not ok]
+        gaps = reference.attack_gaps(twin, xs, ys, eps, steps=steps, restarts=restarts, samples=samples,
+                                     targeted=False, seed=seed)
+        report.broken += int((gaps >= 0).sum())
+        report.broken_indices += [i for i, gap in zip(ids, gaps.tolist()) if gap >= 0]
+        report.largest_gap = max(report.largest_gap, float(gaps.max()))
+        report.certified += len(ids)
+    if report.certified != len(wanted):
+        raise RuntimeError(f'independent audit: found {report.certified} of the {len(wanted)} reported '
                            'certificates in the data (the loader changed between the passes)')
     return report
 

@@ -22,10 +22,11 @@ def extra_flags(parser):
     parser.set_defaults(**evaluation.EVALUATION_DEFAULTS)
     parser.add_argument('--no_pgd', action='store_true', help='skip the PGD attack')
     parser.add_argument('--audit', action='store_true',
-                        help='re-check exactly the certificates this evaluation reported, with converged float64 '
-                             'norms (1e-6) re-deriving the masks and the exact last-layer solver; prints how many '
-                             'do not hold')
-    parser.add_argument('--strict', action='store_true', help='with --audit: exit 1 when one does not hold')
+                        help='re-check exactly the certificates this evaluation reported: with converged float64 '
+                             'norms (1e-6) re-deriving the masks and the exact last-layer solver, with the '
+                             'independent float64 reference (reference.py; models whose matrices fit) and with '
+                             'float64 PGD (--niter steps, --restarts) and ball sampling; prints how many fail')
+    parser.add_argument('--strict', action='store_true', help='with --audit: exit 1 when one fails')
     g = parser.add_argument_group('certified radius and empirical Lipschitzness')
     g.add_argument('--radius', action='store_true',
                    help="bisect each test example's largest certified eps; writes <saved_model>_radius.csv")
@@ -68,6 +69,7 @@ def main(argv=None, parse=parse_args):
             result = evaluation.evaluate_all(model, loader, args, runtime, logger, store=starts)
         if args.audit:
             result['audit'] = run_convergence_audit(model, loader, args, runtime, logger, result['stats'])
+            result['independent'] = run_independent_audit(model, loader, args, logger, result['stats'])
         if args.radius:
             result['radius'] = run_radius(model, loader, args, runtime, logger, starts)
         if args.empirical_lip:
@@ -76,7 +78,7 @@ def main(argv=None, parse=parse_args):
         utils.exit_user_error(error)
     finally:
         ranks.close_runtime(runtime)
-    if args.audit and args.strict and result['audit'].flipped:
+    if args.audit and args.strict and (result['audit'].flipped or result['independent'].failed):
         sys.exit(utils.EXIT_AUDIT_FAILED)
     return result
 
@@ -87,6 +89,16 @@ def run_convergence_audit(model, loader, args, runtime, logger, stats):
     if runtime.distributed:
         raise utils.UsageError('--audit runs in one process (drop torchrun)')
     report = audit.convergence_audit(model, loader, args, runtime, args.epsilon, stats)
+    for line in report.lines():
+        logger.info(line)
+    return report
+
+
+def run_independent_audit(model, loader, args, logger, stats):
+    """``audit.independent_audit`` of the reported certificates (``stats``) at ``--epsilon`` (PGD
+    with ``--niter`` steps and ``--restarts`` starts, seeded by ``--seed``), printed; returns its report."""
+    report = audit.independent_audit(model, loader, args.epsilon, stats, steps=args.niter, restarts=args.restarts,
+                                     seed=args.seed)
     for line in report.lines():
         logger.info(line)
     return report

@@ -307,6 +307,25 @@ def reference_pass(model, x, eps):
     return results
 
 
+def maxmin_relu_trap():
+    """Linear -> clipped MaxMin -> ReLU -> Linear, two inputs and eps 0.5: (model, x, y, eps).
+
+    The first Linear's unit ``b = x_0 - 0.5`` varies and wins the max against ``a = -1``, while the
+    ReLU after the min half is dead: a ReLU mask written by position onto the first Linear's rows
+    (the MaxMin -> ReLU bug of issue 22) drops ``b``'s row, and the pass certifies x = (0.2, 0),
+    which the point (0.7, 0) of the ball flips (z_1 - z_0 = 1 there). x = (0, 0) is robust: b stays
+    <= 0, so the ReLU keeps the max half at 0.
+    """
+    first, last = nn.Linear(2, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
+        first.bias.copy_(torch.tensor([-1.0, -0.5]))
+        last.weight.copy_(torch.tensor([[-10.0, 0.0], [0.0, 0.0]]))
+        last.bias.copy_(torch.tensor([1.0, 0.0]))
+    model = nn.Sequential(first, ClampGroupSort([1, 1], 10.0, -5.0), nn.ReLU(), last)
+    return model, torch.tensor([[0.2, 0.0], [0.0, 0.0]]), torch.tensor([0, 0]), 0.5
+
+
 def affine_layers(model, input_shape):
     """[(layer, input shape)] of every conv/linear layer but the last (computed with the plain forward)."""
     out, x = [], torch.zeros(1, *input_shape, dtype=next(model.parameters()).dtype)
