@@ -44,11 +44,11 @@ def test_an_over_certifying_pass_fails_the_fuzz(one_thread, monkeypatch):
     real = local_bound.guaranteed_local_product
 
     def optimistic(*args, **kwargs):
-        product, column, norms = real(*args, **kwargs)
-        if column is not None:                      # the label column of a 0.3 times smaller radius
-            state, last, logits, y, eps, settings = args[:6]
-            column = local_bound.worst_case_column(last, y, state, eps * product * 0.3, settings)
-        return product * 0.3, column, {i: n * 0.3 for i, n in norms.items()}
+        product, column, norms, certified = real(*args, **kwargs)
+        if column is not None:                      # the decision of a 0.3 times smaller radius
+            state, last, y, eps = args[:4]
+            certified, column = local_bound.rigorous_decision(last, y, state, eps * product * 0.3)
+        return product * 0.3, column, {i: n * 0.3 for i, n in norms.items()}, certified
 
     monkeypatch.setattr(local_bound, 'guaranteed_local_product', optimistic)
     findings = fuzzing.run(range(4), QUICK)
