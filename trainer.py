@@ -8,7 +8,6 @@ own modules.
 """
 import functools
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -20,9 +19,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data_load
 import local_bound
+import resume
 import spectral
 import utils
-from checkpoints import CheckpointError, NonFiniteError, atomic_save, load_model, load_state, load_weights
+from checkpoints import NonFiniteError, atomic_save, load_model
 from evaluation import (USER_ERRORS, bound_settings, evaluate_all, evaluate_certified, evaluate_clean,
                         reported_settings)
 from loaders import build_loaders, set_loader_epoch
@@ -208,44 +208,79 @@ def _checkpoint(model, optimizer, scheduler, epoch, err, best_err, args):
             'global_vectors': spectral.global_vectors_state(model), 'args': vars(args)}
 
 
-def _save_epoch(model, optimizer, scheduler, stores, epoch, err, best_err, args, logger):
-    """Checkpoint after ``epoch``; from the end of the ramp-up on also keep the best model."""
+@dataclass
+class Run:
+    """What a training run works on, built and checked before it writes anything, and how far it
+    got (for the line an interruption prints)."""
+    train_loader: object
+    test_loader: object
+    model: torch.nn.Module
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    stores: tuple
+    policy: resume.StorePolicy
+    checkpoint: dict = None         # --resume: the checkpoint read (already loaded into the above)
+    epoch: int = None               # the epoch running now
+    saved_epoch: int = None         # the last epoch whose checkpoint this run wrote
+
+
+def prepare(args, runtime, train_set=None, test_set=None):
+    """Seed, build and check everything the flags name (data, model, stores, --resume's checkpoint);
+    user errors raise here, before the run writes any file. Returns the Run."""
+    torch.manual_seed(args.seed)
+    train_loader, test_loader, owned_train, owned_test = build_loaders(args, runtime, train_set, test_set)
+    model = utils.select_model(args.data, args.model, args.init, runtime.device)
+    net = local_bound.BoundedModel(model)
+    if runtime.distributed:
+        net = DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.device.type == 'cuda' else None)
+    optimizer = utils.make_optimizer(args, model)
+    scheduler = utils.make_scheduler(args, optimizer)
+    stores = (make_store(model, args, runtime, len(train_loader.dataset), owned_train, args.seed + 1),
+              make_store(model, args, runtime, len(test_loader.dataset), owned_test, args.seed + 2))
+    run = Run(train_loader, test_loader, model, net, optimizer, scheduler, stores,
+              resume.store_policy(args, runtime, stores))
+    if args.resume:
+        run.checkpoint = resume.read_checkpoint(args.prefix + '_checkpoint.pth', model, optimizer, scheduler, args)
+    return run
+
+
+def _save_epoch(run, epoch, err, best_err, args, logger):
+    """Checkpoint after ``epoch`` (with the stores when the run keeps them); from the end of the
+    ramp-up on also keep the best model."""
+    model = run.model
     full_from = args.warmup + args.rampup
     if epoch >= full_from and err < best_err:
         best_err = err
         atomic_save({'state_dict': model.state_dict(), 'err': err, 'epoch': epoch}, args.prefix + '_best.pth')
         logger.info(f'  best certified error so far: {err:.4f} -> {args.prefix}_best.pth')
-    atomic_save(_checkpoint(model, optimizer, scheduler, epoch, err, best_err, args),
+    if run.policy.keep:
+        resume.save_stores(run.stores, epoch, args.prefix + '_store.pth')
+    atomic_save(_checkpoint(model, run.optimizer, run.scheduler, epoch, err, best_err, args),
                 args.prefix + '_checkpoint.pth')
-    if args.save_store and any(s is not None for s in stores):
-        atomic_save([None if s is None else s.state_dict() for s in stores], args.prefix + '_store.pth')
+    run.saved_epoch = epoch
     return best_err
 
 
-def _resume(model, optimizer, scheduler, stores, args, runtime, logger):
-    """Restore an interrupted run; returns (first epoch to run, best error)."""
-    path = args.prefix + '_checkpoint.pth'
-    state = load_state(path, map_location=runtime.device)
-    if 'optimizer' not in state:
-        raise CheckpointError(f'{path} has no optimiser state (not written by this code); cannot --resume')
-    load_weights(model, state['state_dict'], path, args.model)
-    optimizer.load_state_dict(state['optimizer'])
-    scheduler.load_state_dict(state['scheduler'])
-    _apply_new_lr(optimizer, scheduler, state.get('args', {}).get('lr'), args.lr, logger)
-    torch.set_rng_state(state['rng'].cpu())
-    if state.get('cuda_rng') is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda_rng']])
-    spectral.load_global_vectors(model, state.get('global_vectors', {}))
+def _resume(run, args, runtime, logger):
+    """Continue from the checkpoint ``prepare`` read: lr, RNG, global vectors, and the per-example
+    stores (restored when kept for this epoch, else re-warmed). Returns (first epoch, best error)."""
+    state = run.checkpoint
+    _apply_new_lr(run.optimizer, run.scheduler, state.get('args', {}).get('lr'), args.lr, logger)
+    resume.restore_rng(state)
+    spectral.load_global_vectors(run.model, state.get('global_vectors', {}))
+    start = state['epoch'] + 1
     store_path = args.prefix + '_store.pth'
-    if os.path.isfile(store_path) and not runtime.distributed:
-        for store, saved in zip(stores, load_state(store_path)):
-            if store is not None and saved is not None:
-                store.load_state_dict(saved)
-        logger.info(f'restored singular-vector stores from {store_path}')
-    else:
-        logger.info('singular-vector stores start afresh (no --save_store file)')
-    logger.info(f"resumed from {path}: epoch {state['epoch']} done, best error {state['best_err']:.4f}")
-    return state['epoch'] + 1, state['best_err']
+    why = resume.restore_stores(run.stores, state['epoch'], store_path) if run.policy.keep else run.policy.reason
+    if why is None:
+        logger.info(f'restored the per-example stores from {store_path}')
+    elif any(s is not None for s in run.stores):
+        logger.info(f'per-example stores not restored ({why})')
+        means = resume.warm_stores(run.model, (run.train_loader, run.test_loader), run.stores, args, runtime, start)
+        logger.info(resume.warm_line(means))
+    logger.info(f"resumed from {args.prefix}_checkpoint.pth: epoch {state['epoch']} done, best error "
+                f"{state['best_err']:.4f}")
+    return start, state['best_err']
 
 
 def _apply_new_lr(optimizer, scheduler, saved_lr, lr, logger):
@@ -260,42 +295,27 @@ def _apply_new_lr(optimizer, scheduler, saved_lr, lr, logger):
     logger.info(f'resuming with --lr {lr:g} (the checkpoint was trained with {saved_lr:g})')
 
 
-def train(args, runtime, logger, train_set=None, test_set=None):
-    """Run docs/method.md §4 end to end; returns the final report (a dict) on every rank."""
-    torch.manual_seed(args.seed)
-    with local_bound.compiled_kernels(getattr(args, 'compile', False)):
-        return _train(args, runtime, logger, train_set, test_set)
-
-
-def _train(args, runtime, logger, train_set, test_set):
-    train_loader, test_loader, owned_train, owned_test = build_loaders(args, runtime, train_set, test_set)
-    model = utils.select_model(args.data, args.model, args.init, runtime.device)
-    net = local_bound.BoundedModel(model)
-    if runtime.distributed:
-        net = DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.device.type == 'cuda' else None)
-    optimizer = utils.make_optimizer(args, model)
-    scheduler = utils.make_scheduler(args, optimizer)
-    stores = (make_store(model, args, runtime, len(train_loader.dataset), owned_train, args.seed + 1),
-              make_store(model, args, runtime, len(test_loader.dataset), owned_test, args.seed + 2))
-    _log_start(args, runtime, logger, model, stores)
-    if args.save_store and runtime.distributed:
-        logger.info('--save_store is off with several processes: each rank holds only its own share')
-        args.save_store = False
+def train(run, args, runtime, logger):
+    """Run docs/method.md §4 end to end on a prepared ``run``; returns the final report (a dict) on
+    every rank."""
+    _log_start(args, runtime, logger, run)
     start, best_err = 0, math.inf
-    if args.resume:
-        start, best_err = _resume(model, optimizer, scheduler, stores, args, runtime, logger)
+    if run.checkpoint is not None:
+        start, best_err = _resume(run, args, runtime, logger)
     metrics = None
     if runtime.is_main and args.save:
-        metrics = MetricsCSV(args.prefix + '_metrics.csv', local_bound.activation_layers(model), start)
+        metrics = MetricsCSV(args.prefix + '_metrics.csv', local_bound.activation_layers(run.model), start)
     for epoch in range(start, args.epochs):
-        set_loader_epoch(train_loader, epoch, args.seed + runtime.rank)
-        best_err = _run_epoch(net, model, train_loader, test_loader, optimizer, scheduler, stores,
-                              args, runtime, logger, epoch, best_err, metrics)
-    return final_report(args, runtime, logger, test_loader, stores[1], model)
+        run.epoch = epoch
+        set_loader_epoch(run.train_loader, epoch, args.seed + runtime.rank)
+        best_err = _run_epoch(run, args, runtime, logger, epoch, best_err, metrics)
+    run.epoch = None
+    return final_report(args, runtime, logger, run.test_loader, run.stores[1], run.model)
 
 
-def _run_epoch(net, model, train_loader, test_loader, optimizer, scheduler, stores, args, runtime,
-               logger, epoch, best_err, metrics=None):
+def _run_epoch(run, args, runtime, logger, epoch, best_err, metrics=None):
+    net, model, optimizer, stores = run.net, run.model, run.optimizer, run.stores
+    train_loader, test_loader = run.train_loader, run.test_loader
     eps, kappa = utils.epoch_schedule(args, epoch)
     eps_next = utils.epoch_schedule(args, epoch + 1)[0]
     lr = optimizer.param_groups[0]['lr']
@@ -314,30 +334,34 @@ def _run_epoch(net, model, train_loader, test_loader, optimizer, scheduler, stor
                 f'test err {test_err:.4f} certified err {cert_err:.4f} @ eps {eps_next:.4f}')
         if getattr(args, 'sparse', 0.0):
             line = f'sparsity {stats.sparse_loss:.4f} | {line}'
-    scheduler.step()
+    run.scheduler.step()
     logger.info(f'epoch {epoch:4d} | eps {eps:.4f} kappa {kappa:.3f} lr {lr:.2e} | loss {stats.loss:.4f} '
                 f'err {stats.error:.4f} | {line} | {time.time() - start:.1f}s')
     if metrics is not None:     # before the checkpoint: a resume rewrites this epoch's row
         metrics.append(metrics_row(epoch, eps, kappa, lr, stats, eps_next, test_err, cert_err, test,
                                    time.time() - start, args.bound))
     if runtime.is_main and args.save:
-        best_err = _save_epoch(model, optimizer, scheduler, stores, epoch, cert_err, best_err, args, logger)
+        best_err = _save_epoch(run, epoch, cert_err, best_err, args, logger)
     if runtime.distributed:
         dist.barrier()
     return best_err
 
 
-def _log_start(args, runtime, logger, model, stores):
-    params = sum(p.numel() for p in model.parameters())
+def _log_start(args, runtime, logger, run):
+    params = sum(p.numel() for p in run.model.parameters())
     logger.info(f'{args.model} on {args.data}: {params:,} parameters, device {runtime.device}, '
                 f'{runtime.world_size} process(es), bound {args.bound}')
     # Every rank reports its own share (the others' loggers are quiet): memory falls as 1/N.
     report = logger.info if runtime.is_main else functools.partial(print, flush=True)
-    for name, store in zip(('train', 'test'), stores):
+    for name, store in zip(('train', 'test'), run.stores):
         if store is not None:
             report(f'{name} singular-vector store on rank {runtime.rank}: {store.num_owned:,} examples, '
                    f'{store.nbytes / 2**20:.1f} MiB on {store.device} ({str(store.dtype).split(".")[-1]}), '
                    f'layers {sorted(store.shapes)}')
+    if args.save and any(s is not None for s in run.stores):
+        logger.info(f'per-example stores kept with every checkpoint in {args.prefix}_store.pth ({run.policy.reason})'
+                    if run.policy.keep else
+                    f'per-example stores not kept ({run.policy.reason}); --resume re-warms them')
 
 
 def final_report(args, runtime, logger, test_loader, test_store, trained=None):
@@ -365,17 +389,17 @@ def final_report(args, runtime, logger, test_loader, test_store, trained=None):
 
 
 def main(parse, train_set=None, test_set=None):
-    """Parse flags, train, report; user errors end with one line on stderr (exit 2)."""
+    """Parse flags, check the run, train, report; user errors end with one line on stderr (exit 2)
+    and, found before training starts, leave every file as it was."""
     args = parse()
     runtime = init_runtime(args.device)
-    log_path = args.prefix + '_train.log' if runtime.is_main and args.save else None
-    logger = utils.get_logger(log_path, quiet=not runtime.is_main)
+    logger = utils.get_logger(None, quiet=not runtime.is_main)
+    run = None
     try:
-        if runtime.is_main and args.save:
-            os.makedirs(os.path.dirname(args.prefix) or '.', exist_ok=True)
-            utils.dump_args(args, args.prefix + '_args.json')
-            logger.info(f'writing {args.prefix}_{{train.log,metrics.csv,checkpoint.pth,best.pth}}')
-        return train(args, runtime, logger, train_set, test_set)
+        with local_bound.compiled_kernels(getattr(args, 'compile', False)):
+            run = prepare(args, runtime, train_set, test_set)
+            logger = _start_files(args, runtime)
+            return train(run, args, runtime, logger)
     except USER_ERRORS as error:
         utils.exit_user_error(error)
     except NonFiniteError as error:
@@ -384,7 +408,21 @@ def main(parse, train_set=None, test_set=None):
               'epoch: lower --lr (or fix the data/flags) and rerun with --resume', file=sys.stderr)
         sys.exit(utils.EXIT_DIVERGED)
     except KeyboardInterrupt:
-        logger.info(f'interrupted; finished epochs are in {args.prefix}_checkpoint.pth, rerun with --resume')
+        logger.info(resume.interrupt_line(args.prefix, run and run.epoch, run and run.saved_epoch,
+                                          run and run.policy, args.save))
         sys.exit(130)
     finally:
         close_runtime(runtime)
+
+
+def _start_files(args, runtime):
+    """The logger of a checked run; on the main process with saving: its log file and _args.json."""
+    if not (runtime.is_main and args.save):
+        return utils.get_logger(None, quiet=not runtime.is_main)
+    note = None if args.resume else resume.fresh_run_note(args.prefix)
+    logger = utils.get_logger(args.prefix + '_train.log')
+    utils.dump_args(args, args.prefix + '_args.json')
+    logger.info(f'writing {args.prefix}_{{train.log,metrics.csv,checkpoint.pth,best.pth}}')
+    if note is not None:
+        logger.info(note)
+    return logger

@@ -102,8 +102,11 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
     if training:
         g.add_argument('--prefix', default=None, help='files are written to pretrained/<prefix>_<model>_*')
         g.add_argument('--resume', action='store_true', help='continue from <prefix>_checkpoint.pth')
-        g.add_argument('--save_store', action='store_true',
-                       help='also checkpoint the per-example singular vectors (exact --resume, large files)')
+        g.add_argument('--save_store', nargs='?', const='always', default='auto', choices=['auto', 'always', 'never'],
+                       help='keep the per-example singular vectors with every checkpoint (<prefix>_store.pth), so '
+                            'that --resume repeats the uninterrupted run: auto = in one process and up to 2 GiB; '
+                            'otherwise --resume re-warms them with passes over the data before training continues '
+                            '(a bare --save_store means always)')
         g.add_argument('--no_save', action='store_true')
         g.add_argument('--verbose', type=int, default=200, help='log every N batches to the train log')
     else:

@@ -358,7 +358,8 @@ TIMEOUT = 600
 
 # Runs a script as __main__ after recording, for this rank, every file opened for writing (or
 # renamed, or created as a folder) under WATCHED and, at exit, the parameters of the model the
-# script trained (the one handed to the optimiser).
+# script trained (the one handed to the optimiser). The Python code in $LAUNCH_PRELUDE (launch's
+# ``prelude``) runs first, in every process: a test's patch of the code under test.
 LAUNCHER = textwrap.dedent('''
     import atexit, os, runpy, sys
     import torch
@@ -378,6 +379,7 @@ LAUNCHER = textwrap.dedent('''
         if models:
             torch.save(models[0].state_dict(), os.path.join(audit, f'params_rank{rank}.pt'))
 
+    exec(os.environ.get('LAUNCH_PRELUDE', ''))
     import utils
     make_optimizer = utils.make_optimizer
     utils.make_optimizer = lambda args, model: models.append(model) or make_optimizer(args, model)
@@ -395,8 +397,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(tmp, name, script, args, nproc=1):
-    """Run ``script`` with ``args`` in ``tmp/name`` (1 process, or ``nproc`` under torchrun).
+def launch(tmp, name, script, args, nproc=1, prelude=''):
+    """Run ``script`` with ``args`` in ``tmp/name`` (1 process, or ``nproc`` under torchrun), after
+    the Python code ``prelude`` in every process.
 
     Returns (stdout, run folder, audit folder); fails the test with the output on a non-zero exit.
     """
@@ -409,7 +412,7 @@ def launch(tmp, name, script, args, nproc=1):
     if nproc > 1:
         command = ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
                    f'--master_port={free_port()}', *command]
-    result = subprocess.run([sys.executable, *command], cwd=run, env=ENV, capture_output=True,
+    result = subprocess.run([sys.executable, *command], cwd=run, env={**ENV, 'LAUNCH_PRELUDE': prelude}, capture_output=True,
                             text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout, run, audit

@@ -1,4 +1,5 @@
 """Flags, schedules, checkpoints, --resume and the end-to-end MNIST run (training raises certified accuracy)."""
+import copy
 import functools
 import os
 import subprocess
@@ -10,7 +11,10 @@ from torch.utils.data import TensorDataset
 
 import checkpoints
 import evaluate
+import evaluation
 import local_bound
+import ranks
+import resume
 import trainer
 import utils
 from settings import AUTHORS
@@ -128,13 +132,19 @@ def fake_digits(n, seed):
     return TensorDataset(x.clamp(0, 1), y)
 
 
+SMALL_ARGV = ['--epochs', '4', '--rampup', '2', '--batch_size', '16', '--test_batch_size', '32',
+              '--sniter', '2', '--test_sniter', '3', '--test_opt_iter', '3', '--niter', '2',
+              '--workers', '0', '--prefix', 'run', '--verbose', '0', '--epsilon', '0.3',
+              '--epsilon_train', '0.3', '--more', '1', '--device', 'cpu']
+
+
+def small_args(extra=()):
+    return mnist_parse(SMALL_ARGV + list(extra))()
+
+
 def small_run(tmp_path, monkeypatch, extra=()):
     monkeypatch.chdir(tmp_path)
-    argv = ['--epochs', '4', '--rampup', '2', '--batch_size', '16', '--test_batch_size', '32',
-            '--sniter', '2', '--test_sniter', '3', '--test_opt_iter', '3', '--niter', '2',
-            '--workers', '0', '--prefix', 'run', '--verbose', '0', '--epsilon', '0.3',
-            '--epsilon_train', '0.3', '--more', '1', *extra]
-    return trainer.main(mnist_parse(argv), fake_digits(48, 0), fake_digits(20, 1))
+    return trainer.main(mnist_parse(SMALL_ARGV + list(extra)), fake_digits(48, 0), fake_digits(20, 1))
 
 
 def test_checkpoints_are_written_in_the_authors_format(tmp_path, monkeypatch):
@@ -149,15 +159,9 @@ def test_checkpoints_are_written_in_the_authors_format(tmp_path, monkeypatch):
     assert not list((tmp_path / 'pretrained').glob('*.tmp*'))
 
 
-@pytest.mark.slow
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    straight = tmp_path / 'straight'
-    straight.mkdir()
-    small_run(straight, monkeypatch, ['--save_store'])
-    reference = torch.load(straight / 'pretrained' / 'run_relux_checkpoint.pth', weights_only=False)
-
-    crashed = tmp_path / 'crashed'
-    crashed.mkdir()
+def crash_in_third_robust_epoch(monkeypatch, folder, extra=()):
+    """small_run in ``folder``, stopped by Ctrl-C (KeyboardInterrupt) at the start of its third
+    robust epoch (epoch 2); returns the stdout of the run."""
     calls = {'epochs': 0}
     original = trainer.train_robust_epoch
 
@@ -169,17 +173,70 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch
 
     monkeypatch.setattr(trainer, 'train_robust_epoch', crash_in_third_epoch)
     with pytest.raises(SystemExit) as stop:
-        small_run(crashed, monkeypatch, ['--save_store'])
-    assert stop.value.code == 130
-    assert torch.load(crashed / 'pretrained' / 'run_relux_checkpoint.pth', weights_only=False)['epoch'] == 1
+        small_run(folder, monkeypatch, extra)
     monkeypatch.setattr(trainer, 'train_robust_epoch', original)
-    small_run(crashed, monkeypatch, ['--save_store', '--resume'])
+    assert stop.value.code == 130
+    assert torch.load(folder / 'pretrained' / 'run_relux_checkpoint.pth', weights_only=False)['epoch'] == 1
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    """By default the per-example stores are kept with every checkpoint: Ctrl-C then --resume ends
+    bit for bit where the uninterrupted run ends (weights, best error, schedule, final report)."""
+    straight = tmp_path / 'straight'
+    straight.mkdir()
+    report = small_run(straight, monkeypatch)
+    reference = torch.load(straight / 'pretrained' / 'run_relux_checkpoint.pth', weights_only=False)
+
+    crashed = tmp_path / 'crashed'
+    crashed.mkdir()
+    capsys.readouterr()
+    crash_in_third_robust_epoch(monkeypatch, crashed)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert 'interrupted in epoch 2; kept: epochs 0-1 in pretrained/run_relux_checkpoint.pth' in line
+    assert 'the per-example stores of epoch 1 in pretrained/run_relux_store.pth' in line
+    assert line.endswith('continue with the same command plus --resume')
+    resumed_report = small_run(crashed, monkeypatch, ['--resume'])
+    assert 'restored the per-example stores from pretrained/run_relux_store.pth' in capsys.readouterr().out
     resumed = torch.load(crashed / 'pretrained' / 'run_relux_checkpoint.pth', weights_only=False)
     assert resumed['epoch'] == reference['epoch'] == 3
     for key, value in reference['state_dict'].items():
         assert torch.equal(resumed['state_dict'][key], value), key
     assert resumed['best_err'] == reference['best_err']
     assert resumed['scheduler'] == reference['scheduler']
+    assert {k: resumed_report[k] for k in ('clean_err', 'pgd_err', 'certified_err')} == \
+        {k: report[k] for k in ('clean_err', 'pgd_err', 'certified_err')}
+
+
+@pytest.mark.slow
+def test_resume_rewarms_the_stores_it_did_not_keep(tmp_path, monkeypatch, capsys):
+    """Stores that were not kept (--save_store never: too large, several processes) are re-warmed
+    before training continues: their bounds are at least those of the kept stores of the same epoch,
+    where stores started afresh are far below (what made certified accuracy collapse after --resume)."""
+    crash_in_third_robust_epoch(monkeypatch, tmp_path)         # keeps the stores of epoch 1
+    args = small_args(['--resume'])
+    runtime = ranks.Runtime(torch.device('cpu'))
+    run = trainer.prepare(args, runtime, fake_digits(48, 0), fake_digits(20, 1))
+    kept, fresh, warmed = (copy.deepcopy(run.stores) for _ in range(3))
+    assert resume.restore_stores(kept, 1, 'pretrained/run_relux_store.pth') is None
+    passes = resume.warm_stores(run.model, (run.train_loader, run.test_loader), warmed, args, runtime, 2)
+    assert [len(means) for means in passes.values()] == [2, 2]      # one pass per robust epoch done
+    settings = evaluation.bound_settings(args, training=True)
+    eps = utils.epoch_schedule(args, 2)[0]
+
+    def mean_bound(stores):
+        return resume._mean_bound(run.model, run.train_loader, settings, eps, copy.deepcopy(stores[0]),
+                                  runtime, 'bound')
+    with torch.no_grad():
+        reference = mean_bound(kept)
+        assert mean_bound(warmed) >= reference
+        assert mean_bound(fresh) < 0.9 * reference
+
+    capsys.readouterr()
+    small_run(tmp_path, monkeypatch, ['--resume', '--save_store', 'never'])
+    out = capsys.readouterr().out
+    assert 'per-example stores not restored (--save_store never' in out
+    assert 'per-example stores re-warmed before training continues (train: 2 passes' in out
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, monkeypatch, capsys):
