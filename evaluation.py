@@ -200,7 +200,7 @@ def evaluation_starts(model, args):
 def load_for_evaluation(args, runtime, logger):
     """(model, this rank's test loader, seeded start vectors) for ``--saved_model`` and the flags."""
     if args.saved_model is None:
-        raise UsageError('--saved_model is required (the prefix of <prefix>_best.pth)')
+        raise UsageError('--saved_model is required (a checkpoint: its prefix, as in pretrained/x for pretrained/x_best.pth, or the .pth file)')
     path = checkpoint_path(args.saved_model)
     model, state = load_model(path, args.data, args.model, args.init, runtime.device)
     model.eval()

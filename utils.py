@@ -106,7 +106,7 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
         g.add_argument('--no_save', action='store_true')
         g.add_argument('--verbose', type=int, default=200, help='log every N batches to the train log')
     else:
-        g.add_argument('--saved_model', default=None, help='checkpoint prefix (loads <saved_model>_best.pth)')
+        g.add_argument('--saved_model', default=None, help='the checkpoint: its prefix (loads <saved_model>_best.pth) or the .pth file itself')
     g.add_argument('--seed', type=int, default=2019)
     g.add_argument('--device', default=default_device(), help='cuda when available, else cpu')
     if extra is not None:
