@@ -14,7 +14,7 @@ import local_bound
 from checkpoints import CheckpointError, checkpoint_path, load_model
 from loaders import limited, test_loader_for
 from ranks import progress
-from settings import CERTIFIED, BoundSettings
+from settings import CERTIFIED, LANCZOS, BoundSettings
 from utils import UsageError
 
 
@@ -126,6 +126,26 @@ def evaluate_certified(model, loader, args, runtime, eps, store=None):
                      global_product, {k: v / count for k, v in zip(layers, sums)},
                      runtime.gather(torch.cat(certified_index) if certified_index else torch.zeros(0, dtype=torch.long)),
                      failure_prob, global_norms)
+
+
+@torch.no_grad()
+def converged_ratios(model, loader, args, runtime, eps, count):
+    """Per example of this rank's first ``count`` test examples: the local (or refined, with --bound
+    refined) product from converged Lanczos estimates over the float64 converged global product,
+    like with like (the test pass's own products are a warm power-iteration estimate and a guaranteed
+    upper bound). A CPU float64 tensor."""
+    model.eval()
+    settings = LANCZOS.replace(bound='refined' if args.bound == 'refined' else 'local', seed=args.seed)
+    local, shape = [], None
+    for x, _, _ in loader:
+        x = x[:count - sum(len(v) for v in local)].to(runtime.device)
+        local.append(local_bound.local_lipschitz(model, x, eps, settings).double().cpu())
+        shape = x.shape[1:]
+        if sum(len(v) for v in local) >= count:
+            break
+    if shape is None:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat(local) / math.prod(local_bound.precise_global_norms(model, shape).values())
 
 
 def global_norm_settings(args):
