@@ -72,7 +72,9 @@ def first_non_finite(tensors):
 
 
 def load_model(path, data, model_name, init=1.0, device='cpu'):
-    """A model of docs/method.md §1 with the weights of checkpoint ``path`` (ours or the authors')."""
+    """A model of docs/method.md §1 with the weights of checkpoint ``path`` (ours or the authors'):
+    the file itself or, like ``--saved_model``, its prefix without ``_best.pth`` (``checkpoint_path``)."""
+    path = checkpoint_path(path)
     state = load_state(path)
     weights = state.get('state_dict', state) if isinstance(state, dict) else None
     if not isinstance(weights, dict):
@@ -84,5 +86,10 @@ def load_model(path, data, model_name, init=1.0, device='cpu'):
 
 
 def checkpoint_path(saved_model):
-    """``<saved_model>_best.pth``, or the path itself when it already names a .pth file."""
-    return saved_model if saved_model.endswith('.pth') else saved_model + '_best.pth'
+    """The checkpoint file a path names, in either form every script and ``load_model`` accept:
+    a file (``pretrained/x_best.pth``, or any existing file) as it is, else a prefix
+    (``pretrained/x``) plus ``_best.pth``."""
+    saved_model = os.fspath(saved_model)
+    if saved_model.endswith('.pth') or os.path.isfile(saved_model):
+        return saved_model
+    return saved_model + '_best.pth'

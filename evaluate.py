@@ -140,7 +140,7 @@ def run_empirical_lip(model, loader, args, runtime, logger):
     norm = norms.order(args.lip_norm)
     result = empirical.dataset_lipschitzness(model, loader, eps, norm=norm, device=runtime.device,
                                              certified=evaluation.bound_settings(args, training=False),
-                                             progress=runtime.is_main)
+                                             seed=args.seed, progress=runtime.is_main)
     path = output_prefix(args.saved_model) + '_lipschitz.csv'
     empirical.write_lipschitzness_csv(path, result)
     logger.info(f"empirical local Lipschitzness (L-inf box {eps:g}, norm {args.lip_norm}) over "

@@ -14,7 +14,7 @@ import local_bound
 from checkpoints import CheckpointError, checkpoint_path, load_model
 from loaders import limited, test_loader_for
 from ranks import progress
-from settings import CERTIFIED, BoundSettings
+from settings import CERTIFIED, LANCZOS, BoundSettings
 from utils import UsageError
 
 
@@ -135,6 +135,26 @@ def evaluate_certified(model, loader, args, runtime, eps, store=None):
                      failure_prob, global_norms)
 
 
+@torch.no_grad()
+def converged_ratios(model, loader, args, runtime, eps, count):
+    """Per example of this rank's first ``count`` test examples: the local (or refined, with --bound
+    refined) product from converged Lanczos estimates over the float64 converged global product,
+    like with like (the test pass's own products are a warm power-iteration estimate and a guaranteed
+    upper bound). A CPU float64 tensor."""
+    model.eval()
+    settings = LANCZOS.replace(bound='refined' if args.bound == 'refined' else 'local', seed=args.seed)
+    local, shape = [], None
+    for x, _, _ in loader:
+        x = x[:count - sum(len(v) for v in local)].to(runtime.device)
+        local.append(local_bound.local_lipschitz(model, x, eps, settings).double().cpu())
+        shape = x.shape[1:]
+        if sum(len(v) for v in local) >= count:
+            break
+    if shape is None:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat(local) / math.prod(local_bound.precise_global_norms(model, shape).values())
+
+
 def global_norm_settings(args):
     """Settings of the logged global product: the certificates' own when they are guaranteed (their
     global norms are then remembered, not computed twice), else 128 guaranteed steps (an upper
@@ -207,7 +227,7 @@ def evaluation_starts(model, args):
 def load_for_evaluation(args, runtime, logger):
     """(model, this rank's test loader, seeded start vectors) for ``--saved_model`` and the flags."""
     if args.saved_model is None:
-        raise UsageError('--saved_model is required (the prefix of <prefix>_best.pth)')
+        raise UsageError('--saved_model is required (a checkpoint: its prefix, as in pretrained/x for pretrained/x_best.pth, or the .pth file)')
     path = checkpoint_path(args.saved_model)
     model, state = load_model(path, args.data, args.model, args.init, runtime.device)
     model.eval()

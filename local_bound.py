@@ -1331,6 +1331,58 @@ def check_boundable(model):
         rule_for(layer, index)
 
 
+
+def check_batch(model, x, y=None):
+    """Refuse (BoundError, one line) a batch the model cannot take, before any pass: ``x`` must be a
+    floating tensor [B, *input shape] in the dtype and on the device of the model's parameters whose
+    shape fits every conv/linear layer (an unbatched image, or another data set's images, stop
+    here); ``y``, when given, integer labels [B] below the number of logits."""
+    check_boundable(model)
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        kind = f'dtype {x.dtype}' if torch.is_tensor(x) else type(x).__name__
+        raise BoundError(f'x must be a floating-point tensor of images in [0, 1], not {kind}')
+    param = next(model.parameters())
+    if (x.dtype, x.device) != (param.dtype, param.device):
+        raise BoundError(f'x is {x.dtype} on {x.device} but the model is {param.dtype} on {param.device}: '
+                         f'pass x.to({param.dtype}).to("{param.device}")')
+    shape = tuple(x.shape[1:])
+    for index, layer in enumerate(model):
+        shape = _output_shape(layer, index, shape, tuple(x.shape))
+    if y is not None:
+        classes = list(model)[-1].out_features
+        if not torch.is_tensor(y) or y.is_floating_point() or y.is_complex() or y.shape != x.shape[:1]:
+            raise BoundError(f'y must be integer labels of shape ({x.size(0)},), one per image of x, not '
+                             + (f'{y.dtype} of shape {tuple(y.shape)}' if torch.is_tensor(y) else type(y).__name__))
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+            raise BoundError(f'labels must lie in 0..{classes - 1} (the model has {classes} logits), not '
+                             f'{int(y.min())}..{int(y.max())}')
+
+
+def _output_shape(layer, index, shape, batch_shape):
+    """The per-example output shape of ``layer`` for inputs of ``shape``; BoundError when it does not fit."""
+    def refuse(wanted, hint=''):
+        raise BoundError(f'x of shape {batch_shape} does not fit the model: layer {index} '
+                         f'({type(layer).__name__}) takes [B, {", ".join(map(str, wanted))}], here {list(shape)}{hint}')
+    if isinstance(layer, nn.Conv2d):
+        if len(shape) != 3 or shape[0] != layer.in_channels:
+            unbatched = len(batch_shape) == 3 and batch_shape[0] == layer.in_channels
+            no_channel = len(batch_shape) == 3 and layer.in_channels == 1
+            refuse((layer.in_channels, 'H', 'W'), ' (one unbatched image? pass x.unsqueeze(0))' if unbatched else
+                   ' (no channel dimension? pass x.unsqueeze(1))' if no_channel else '')
+        size = [(n + 2 * p - k) // s + 1 for n, p, k, s in zip(shape[1:], layer.padding, layer.kernel_size, layer.stride)]
+        if min(size) < 1:
+            refuse((layer.in_channels, 'H', 'W'), f' (images too small for its {tuple(layer.kernel_size)} kernel)')
+        return (layer.out_channels, *size)
+    if isinstance(layer, (nn.Flatten, Flatten)):
+        return (math.prod(shape),)
+    if isinstance(layer, nn.Linear):
+        if shape != (layer.in_features,):
+            refuse((layer.in_features,), ' (one unbatched example? pass x.unsqueeze(0))' if len(batch_shape) == 1
+                   else ' (the model was built for images of another size)' if len(batch_shape) > 2 else '')
+        return (layer.out_features,)
+    return shape
+
+
 # Certification decides with a margin, never on a tie: float32 rounding of logits of size |z| is
 # about 1e-7 |z| per operation, so a margin inside MARGIN_RTOL * (1 + |z_y|) is no evidence.
 MARGIN_RTOL = 1e-5
@@ -1377,6 +1429,7 @@ def bound_outputs(model, x, y, eps, settings=CERTIFIED, *, store=None, index=Non
     NaN entries of the translation are set to 0 in the worst-case logits (the authors' rule, for the
     training loss); ``finite`` records them, and ``certified_predictions`` never certifies them.
     """
+    check_batch(model, x, y)
     settings = _checked(settings)
     eps = per_sample_eps(eps, x, torch.float64 if settings.guaranteed else None)
     last = list(model)[-1]
@@ -1442,6 +1495,7 @@ def local_lipschitz(model, x, eps, settings=CERTIFIED, *, index=None):
     bounds with guaranteed settings, each within ``settings.tol``, default 1e-2, of its estimate):
     the paper's local bound, or the refined one with ``settings.bound == 'refined'`` (a global
     ``settings.bound`` reads as local)."""
+    check_batch(model, x)
     settings = _masked(_checked(settings))
     eps = per_sample_eps(eps, x, torch.float64 if settings.guaranteed else None)
     if _guaranteed_refined(settings):

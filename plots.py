@@ -9,8 +9,9 @@ titles); a run needs at least one of the CSVs. It writes, as PNG and PDF, the fi
 for:
 
 * ``certified_accuracy``: certified accuracy against the L2 radius, one curve per run;
-* ``tightness``: median local / global Lipschitz bound over training, and its histogram over
-  the test examples at the evaluation eps;
+* ``tightness``: local / global Lipschitz bound, like with like: over training the median ratio of
+  converged values (``lip_ratio_median``, training with ``--tightness N``), and its histogram over
+  the test examples at the evaluation eps (both guaranteed upper bounds);
 * ``loss``: clean and robust training loss over the epochs, one curve per run;
 * ``varying``: fraction of varying (not fixed) neurons per activation layer over training;
 * ``empirical``: empirical local Lipschitzness (both search directions) of every test example
@@ -163,25 +164,41 @@ def correct_column(radius_table):
     return radius_table['prediction'] == radius_table['label']
 
 
+LINE_STYLES = ('-', '--', '-.', ':')
+MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X')
+
+
+def _style(k):
+    """Line style and marker of the k-th curve: curves that coincide stay told apart."""
+    return dict(linestyle=LINE_STYLES[k % len(LINE_STYLES)], marker=MARKERS[k % len(MARKERS)], markersize=5,
+                markevery=(3 * k % CURVE_POINTS // 20, CURVE_POINTS // 10), linewidth=1.6)
+
+
+def _legend_below(ax, columns):
+    """The legend under the axes, where it covers no curve."""
+    ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.16), ncol=columns, fontsize=8, frameon=False)
+
+
 def certified_accuracy_figure(runs):
     """Certified accuracy (%) against the L2 radius, one curve per run with a radius CSV."""
     runs = _with(runs, 'radius', 'radius')
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    top = max(float(np.nanmax(run.radius['radius'])) for run in runs) if runs else 1.0
+    fig, ax = plt.subplots(figsize=(6.5, 5.6))
+    evals = sorted({run.args['epsilon'] for run in runs if 'epsilon' in run.args})
+    top = max([float(np.nanmax(run.radius['radius'])) for run in runs] + evals + [0.0])
     eps = np.linspace(0.0, 1.05 * top if top > 0 else 1.0, CURVE_POINTS)
-    for run in runs:
+    for k, run in enumerate(runs):
         radii = run.radius['radius']
         ax.plot(eps, 100 * certified_fraction(radii, eps, correct_column(run.radius)),
-                label=f'{run.name} ({len(radii)} examples)')
-    for value in sorted({run.args['epsilon'] for run in runs if 'epsilon' in run.args}):
+                label=f'{run.name} ({len(radii)} examples)', **_style(k))
+    for value in evals:
         ax.axvline(value, color='grey', linestyle=':', linewidth=1)
-        ax.annotate(f'eval eps {value:.3g}', (value, 100), xytext=(3, -12), textcoords='offset points',
-                    fontsize=8, color='grey')
+        ax.annotate(f'eval eps {value:.3g}', (value, 100), xytext=(-3, -12), textcoords='offset points',
+                    ha='right', fontsize=8, color='grey')
     ax.set_xlabel('L2 radius eps (input units; pixels in [0, 1])')
     ax.set_ylabel('certified accuracy (% of test examples)')
     ax.set_ylim(0, 102)
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend_below(ax, columns=1)
     ax.set_title(f'Certified accuracy vs radius\n{describe(runs)}', fontsize=10)
     fig.tight_layout()
     return fig
@@ -195,35 +212,42 @@ def _with_bound(name, table):
 
 
 def tightness_figure(runs):
-    """Local / global bound: median over the test pass per epoch (left), per test example (right)."""
-    fig, (over_time, spread) = plt.subplots(1, 2, figsize=(11, 4.2))
-    trained = [r for r in _with(runs, 'metrics', 'lip_local_median') if 'lip_global' in r.metrics]
-    for run in trained:
+    """Local / global bound, like with like: per epoch the median ratio of converged values on the
+    first test examples (metrics CSV ``lip_ratio_median``, training with ``--tightness N``), left;
+    per test example at the evaluation eps (radius CSV: ``local_bound_eps`` over ``global_bound``,
+    both guaranteed upper bounds), right."""
+    fig, (over_time, spread) = plt.subplots(1, 2, figsize=(11, 4.6))
+    for k, run in enumerate(_with(runs, 'metrics', 'lip_ratio_median')):
         m = run.metrics
-        over_time.plot(*_finite(m['epoch'], m['lip_local_median'] / m['lip_global']), marker='.',
+        over_time.plot(*_finite(m['epoch'], m['lip_ratio_median']), **{**_style(k), 'markevery': 1},
                        label=_with_bound(run.name, m))
     over_time.axhline(1.0, color='grey', linestyle=':', linewidth=1)
     _epoch_axis(over_time)
-    over_time.set_ylabel('median local (or refined) / global bound\n(ratio, 1 = no gain)')
-    over_time.set_title('during training (test pass)', fontsize=10)
+    over_time.set_ylabel('median local (or refined) / global bound\n(converged values; 1 = no gain)')
+    over_time.set_title('during training, first test examples\n(converged Lanczos over converged global)', fontsize=10)
     over_time.grid(alpha=0.3)
     evaluated = [r for r in _with(runs, 'radius', 'local_bound_eps') if 'global_bound' in r.radius]
     ratios = {_with_bound(run.name, run.radius): _finite_values(run.radius['local_bound_eps'] / run.radius['global_bound'])
               for run in evaluated}
     if ratios:
         edges = _bin_edges(np.concatenate(list(ratios.values())))
-        for name, ratio in ratios.items():
+        for k, (name, ratio) in enumerate(ratios.items()):
             counts, _ = np.histogram(ratio, bins=edges)
             spread.plot(edges, np.append(counts, counts[-1]), drawstyle='steps-post',
+                        linestyle=LINE_STYLES[k % len(LINE_STYLES)], linewidth=1.6,
                         label=f'{name} (median {np.median(ratio):.3f})')
-    if ratios:
         spread.axvline(1.0, color='grey', linestyle=':', linewidth=1)
-    spread.set_xlabel('local (or refined) / global bound at the evaluation eps (ratio)')
+    spread.set_xlabel('local (or refined) / global bound at the evaluation eps')
     spread.set_ylabel('test examples (count per bin)')
-    spread.set_title('after training, per test example', fontsize=10)
+    spread.set_title('after training, per test example\n(both guaranteed upper bounds, each within 1% of its '
+                     'estimate)', fontsize=10)
     spread.grid(alpha=0.3)
-    _legend_or_note(over_time, 'no per-epoch bounds\n(metrics CSV: lip_local_median)')
-    _legend_or_note(spread, 'no per-example bounds\n(radius CSV: local_bound_eps)')
+    for ax, note in ((over_time, 'no per-epoch ratios\n(train with --tightness N)'),
+                     (spread, 'no per-example bounds\n(radius CSV: local_bound_eps)')):
+        if any(not line.get_label().startswith('_') for line in ax.get_lines()):
+            _legend_below(ax, columns=1)
+        else:
+            ax.text(0.5, 0.5, note, transform=ax.transAxes, ha='center', va='center', color='grey')
     fig.suptitle(f'Tightness of the local Lipschitz bound\n{describe(runs)}', fontsize=10)
     fig.tight_layout()
     return fig
@@ -303,7 +327,7 @@ def empirical_figure(runs):
 
 FIGURES = {
     'certified_accuracy': (certified_accuracy_figure, lambda runs: _with(runs, 'radius', 'radius')),
-    'tightness': (tightness_figure, lambda runs: _with(runs, 'metrics', 'lip_local_median')
+    'tightness': (tightness_figure, lambda runs: _with(runs, 'metrics', 'lip_ratio_median')
                   or _with(runs, 'radius', 'local_bound_eps')),
     'loss': (loss_figure, lambda runs: _with(runs, 'metrics', 'loss')),
     'varying': (varying_figure, lambda runs: [r for r in runs if r.metrics is not None

@@ -23,7 +23,7 @@ import resume
 import spectral
 import utils
 from checkpoints import NonFiniteError, atomic_save, load_model
-from evaluation import (USER_ERRORS, bound_settings, evaluate_all, evaluate_certified, evaluate_clean,
+from evaluation import (USER_ERRORS, bound_settings, converged_ratios, evaluate_all, evaluate_certified, evaluate_clean,
                         reported_settings)
 from loaders import build_loaders, set_loader_epoch
 from metrics import MetricsCSV, metrics_row
@@ -319,7 +319,7 @@ def _run_epoch(run, args, runtime, logger, epoch, best_err, metrics=None):
     eps, kappa = utils.epoch_schedule(args, epoch)
     eps_next = utils.epoch_schedule(args, epoch + 1)[0]
     lr = optimizer.param_groups[0]['lr']
-    start = time.time()
+    start, ratios = time.time(), None
     if epoch < args.warmup:
         stats = train_clean_epoch(net, train_loader, optimizer, args, runtime, epoch, logger)
         test_err, _ = evaluate_clean(model, test_loader, runtime)
@@ -329,6 +329,8 @@ def _run_epoch(run, args, runtime, logger, epoch, best_err, metrics=None):
         stats = train_robust_epoch(net, train_loader, optimizer, args, runtime, epoch, eps, kappa,
                                    stores[0], logger)
         test = evaluate_certified(model, test_loader, args, runtime, eps_next, stores[1])
+        if getattr(args, 'tightness', 0) and runtime.is_main:
+            ratios = converged_ratios(model, test_loader, args, runtime, eps_next, args.tightness)
         test_err, cert_err = test.clean_err, test.certified_err
         line = (f'robust loss {stats.robust_loss:.4f} robust err {stats.robust_error:.4f} | '
                 f'test err {test_err:.4f} certified err {cert_err:.4f} @ eps {eps_next:.4f}')
@@ -339,7 +341,7 @@ def _run_epoch(run, args, runtime, logger, epoch, best_err, metrics=None):
                 f'err {stats.error:.4f} | {line} | {time.time() - start:.1f}s')
     if metrics is not None:     # before the checkpoint: a resume rewrites this epoch's row
         metrics.append(metrics_row(epoch, eps, kappa, lr, stats, eps_next, test_err, cert_err, test,
-                                   time.time() - start, args.bound))
+                                   time.time() - start, args.bound, ratios))
     if runtime.is_main and args.save:
         best_err = _save_epoch(run, epoch, cert_err, best_err, args, logger)
     if runtime.distributed:

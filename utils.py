@@ -109,8 +109,12 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
                             '(a bare --save_store means always)')
         g.add_argument('--no_save', action='store_true')
         g.add_argument('--verbose', type=int, default=200, help='log every N batches to the train log')
+        g.add_argument('--tightness', type=int, default=0,
+                       help='every robust epoch, the local (or refined) / global bound of the first N test '
+                            'examples from converged values (Lanczos estimates over the float64 converged '
+                            'global product): the metrics CSV\'s lip_ratio_median; 0 skips it')
     else:
-        g.add_argument('--saved_model', default=None, help='checkpoint prefix (loads <saved_model>_best.pth)')
+        g.add_argument('--saved_model', default=None, help='the checkpoint: its prefix (loads <saved_model>_best.pth) or the .pth file itself')
     g.add_argument('--seed', type=int, default=2019)
     g.add_argument('--device', default=default_device(), help='cuda when available, else cpu')
     if extra is not None:
@@ -191,7 +195,7 @@ def finish_args(parser, args, training=True):
 
 def _check_training(parser, args):
     """The checks of the flags only training has (schedule, loader, lr schedule)."""
-    for name in ('warmup', 'rampup', 'more'):
+    for name in ('warmup', 'rampup', 'more', 'tightness'):
         if getattr(args, name) < 0:
             parser.error(f'--{name} must be >= 0')
     if args.rampup < 1:

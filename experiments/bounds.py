@@ -4,11 +4,12 @@ refined bound (same data, seeds and budget), each certified with each bound.
     python experiments/bounds.py --data mnist --out runs/bounds_mnist
     python experiments/bounds.py --data cifar10 --out runs/bounds_cifar10
 
-MNIST: the first ``--train`` digits of ``--data_dir`` (default ``../shared/data/mnist-mini``, a
-folder torchvision's MNIST reads; ``samples/mnist`` works too) train and the first ``--test``
-test digits are certified. CIFAR-10: ``--subset``, an .npz of real CIFAR-10 *training* images
-(uint8 ``x`` [N, 3, 32, 32], ``y``), is split: the first ``--train`` images train, the last
-``--test`` are held out and certified; its figures are not the paper's (a few thousand images,
+MNIST: the first ``--train`` digits of ``--data_dir`` (default: the 1,500 digits bundled in
+``samples/mnist``; any folder torchvision's MNIST reads) train and the first ``--test`` test digits
+are certified. CIFAR-10: the first ``--train`` images of the CIFAR-10 *training* set train and its
+last ``--test`` are held out and certified; the images are those of ``--subset`` (an .npz of uint8
+``x`` [N, 3, 32, 32] and ``y``) or else of torchvision's CIFAR-10 in ``--data_dir`` (default
+``data/``, downloaded there when possible). The figures are not the paper's (a few thousand images,
 minutes of training).
 
 Per training bound B it writes ``OUT/pretrained/B_<model>_*`` (log, metrics CSV, checkpoints);
@@ -56,9 +57,11 @@ RECIPES = {   # per data set: model, eps, and the training flags (the README's q
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data', choices=sorted(RECIPES), required=True)
-    p.add_argument('--data_dir', default=str(ROOT.parent / 'shared' / 'data' / 'mnist-mini'))
-    p.add_argument('--subset', default=str(ROOT.parent / 'shared' / 'data' / 'cifar10-subset' /
-                                           'cifar10_train_subset.npz'))
+    p.add_argument('--data_dir', default=None,
+                   help='MNIST: a folder torchvision reads (default: the bundled samples/mnist); '
+                        'CIFAR-10 without --subset: where torchvision finds or downloads it (default data/)')
+    p.add_argument('--subset', default=None, help='CIFAR-10: an .npz of uint8 x [N, 3, 32, 32] and y (real '
+                                                  'training images) instead of torchvision\'s CIFAR-10')
     p.add_argument('--train', type=int, default=None, help='training images (default 4000)')
     p.add_argument('--test', type=int, default=100, help='held-out images certified')
     p.add_argument('--epochs', type=int, default=None, help='training epochs (default 5)')
@@ -78,20 +81,37 @@ def parse_args(argv=None):
     args.eps = recipe['eps'] if args.eps is None else args.eps
     args.train = args.train or 4000
     args.epochs = args.epochs or 5
+    if args.data_dir is None:
+        args.data_dir = str(ROOT / 'samples' / 'mnist') if args.data == 'mnist' else 'data/'
     return args
 
 
 def datasets(args):
-    """(train set, test set) of real images, as the README describes."""
+    """(train set, test set) of real images, as the module docstring says."""
     if args.data == 'mnist':
         train_set, test_set = data_load.build_datasets('mnist', args.data_dir, download=False)
         return Subset(train_set, range(min(args.train, len(train_set)))), Subset(test_set, range(args.test))
-    arrays = np.load(args.subset)
-    x = torch.from_numpy(arrays['x']).float().div(255)
-    y = torch.from_numpy(arrays['y']).long()
+    x, y = cifar_images(args)
     if args.train + args.test > len(y):
-        raise SystemExit(f'error: the subset holds {len(y)} images, fewer than --train + --test')
+        raise data_load.DataNotFoundError(f'{len(y)} CIFAR-10 images, fewer than --train + --test '
+                                          f'({args.train} + {args.test})')
     return TensorDataset(x[:args.train], y[:args.train]), TensorDataset(x[-args.test:], y[-args.test:])
+
+
+def cifar_images(args):
+    """CIFAR-10 training images (float in [0, 1]) and labels: ``--subset``'s, else torchvision's."""
+    if args.subset is not None:
+        try:
+            arrays = np.load(args.subset)
+            return torch.from_numpy(arrays['x']).float().div(255), torch.from_numpy(arrays['y']).long()
+        except (OSError, KeyError, ValueError) as error:
+            raise data_load.DataNotFoundError(f'--subset {args.subset}: not an .npz with x and y ({error})') from error
+    train_set, _ = data_load.build_datasets('cifar10', args.data_dir, augmentation=False, download=True)
+    x = torch.from_numpy(train_set.data).permute(0, 3, 1, 2).float().div(255)
+    return x, torch.as_tensor(train_set.targets).long()
+
+
+TIGHTNESS_EXAMPLES = 16     # converged local / global ratios per epoch (the tightness figure, left)
 
 
 def train(args, bound, train_set, test_set):
@@ -102,7 +122,7 @@ def train(args, bound, train_set, test_set):
     argv = RECIPES[args.data]['flags'] + [
         '--bound', bound, '--epochs', str(args.epochs), '--epsilon', str(args.eps), '--prefix', bound,
         '--test_sniter', '50', '--test_opt_iter', '50', '--niter', '10', '--workers', '0', '--verbose', '0',
-        '--device', 'cpu', '--seed', str(args.seed)]
+        '--device', 'cpu', '--seed', str(args.seed), '--tightness', str(TIGHTNESS_EXAMPLES)]
     parse = functools.partial(utils.argparser, argv=argv, data=args.data, model=args.model, epsilon=args.eps)
     cwd = os.getcwd()
     os.chdir(args.out)
@@ -226,7 +246,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    train_set, test_set = datasets(args)
+    try:
+        train_set, test_set = datasets(args)
+    except data_load.DataNotFoundError as error:
+        utils.exit_user_error(error)
     table = {}
     for trained in args.bounds:
         prefix = train(args, trained, train_set, test_set)
@@ -236,14 +259,31 @@ def main(argv=None):
     lines = summary_lines(args, table)
     Path(args.out, 'summary.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
-    runs = [plots.load_run(str(Path(args.out) / 'pretrained' / f'{b}_{args.model}'), f'{b}-trained')
-            for b in args.bounds]
-    runs += [plots.load_run(str(Path(args.out) / f'{t}-trained_{c}-certified'), f'{t}-trained, {c} bound')
-             for t, c in table if c in (t, 'refined')]         # each with its own bound, and the refined one
-    written, _ = plots.make_figures(runs, str(Path(args.out) / 'figures'))
+    written = write_figures(args, table)
     ratios = {b: bound_ratios(args, Path(args.out) / 'pretrained' / f'{b}_{args.model}', test_set) for b in args.bounds}
     ratio_figure(args, ratios, Path(args.out) / 'figures' / 'bound_ratio.png')
     print('figures:', ', '.join(written + [str(Path(args.out) / 'figures' / 'bound_ratio.png')]))
+
+
+SHOWN_PAIRS = (('global', 'global'), ('local', 'local'), ('local', 'global'), ('refined', 'refined'),
+               ('local', 'refined'))    # certified-accuracy curves: each run with its own bound, and the
+                                        # local-trained network with the other two
+
+
+def write_figures(args, table):
+    """certified_accuracy, tightness and varying (``plots.py``) in OUT/figures; the written paths."""
+    out = Path(args.out)
+    trained = [plots.load_run(str(out / 'pretrained' / f'{b}_{args.model}'), f'{b}-trained') for b in args.bounds]
+    certified = [plots.load_run(str(out / f'{t}-trained_{c}-certified'), f'{t}-trained, certified with the {c} bound')
+                 for t, c in SHOWN_PAIRS if (t, c) in table]
+    own = [plots.load_run(str(out / f'{t}-trained_{t}-certified'), f'{t}-trained') for t in args.bounds]
+    written = []
+    for stem, figure in (('certified_accuracy', plots.certified_accuracy_figure(certified)),
+                         ('tightness', plots.tightness_figure(trained + own)),
+                         ('varying', plots.varying_figure(trained))):
+        written += plots.save_figure(figure, str(out / 'figures'), stem)
+        plots.plt.close(figure)
+    return written
 
 
 if __name__ == '__main__':

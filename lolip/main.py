@@ -107,7 +107,7 @@ def run(args, spec):
                         resume=args.resume and os.path.isfile(f'{stem}.pth'))
     attack = build_attack(args.attack, args.eps, norm, dataset.num_classes)
     figures = report.evaluate(model, dataset.train_eval, dataset.test, attack, args.eps, norm,
-                              args.device)
+                              args.device, seed=args.random_seed)
     result = {**meta, 'experiment': args.experiment, 'attack': args.attack,
               'random_seed': args.random_seed, 'epochs': epochs, 'recipe': vars(setting),
               'train_examples': len(dataset.train), 'test_examples': len(dataset.test),

@@ -11,7 +11,7 @@ from tqdm import tqdm
 import empirical
 from local_bound import correct_predictions
 
-EVAL_BATCH = 128  # eval mode: per-example results do not depend on the batch (the original: 16)
+EVAL_BATCH = 128  # eval mode, seeded noise stream: per-example results do not depend on the batch (the original: 16)
 ROWS = (('clean accuracy', 'acc'), ('adversarial accuracy', 'adv_acc'),
         ('local Lipschitzness (max, the definition)', 'lip_max'),
         ('local Lipschitzness (as published, a descent)', 'lip_as_published'))
@@ -37,19 +37,20 @@ def accuracies(model, batches, attack, device, desc):
     return clean / max(count, 1), robust / max(count, 1)
 
 
-def split_figures(model, dataset, attack, eps, norm, device, name):
-    """{'acc', 'adv_acc', 'lip_max', 'lip_as_published'} of one split."""
+def split_figures(model, dataset, attack, eps, norm, device, name, seed=0):
+    """{'acc', 'adv_acc', 'lip_max', 'lip_as_published'} of one split (the searches' start noise
+    seeded by ``seed``: ``empirical.published_noise``)."""
     clean, robust = accuracies(model, loader(dataset), attack, device, f'{name} accuracy')
-    lip = empirical.dataset_lipschitzness(model, loader(dataset), eps, norm=norm, device=device)
+    lip = empirical.dataset_lipschitzness(model, loader(dataset), eps, norm=norm, device=device, seed=seed)
     return {'acc': clean, 'adv_acc': robust, 'lip_max': lip['lip_max'],
             'lip_as_published': lip['lip_as_published']}
 
 
-def evaluate(model, train_set, test_set, attack, eps, norm, device):
+def evaluate(model, train_set, test_set, attack, eps, norm, device, seed=0):
     """The report's figures, flat: train_acc, test_acc, adv_train_acc, ..., gap_acc, gap_adv_acc."""
     figures = {}
     for split, dataset in (('train', train_set), ('test', test_set)):
-        for key, value in split_figures(model, dataset, attack, eps, norm, device, split).items():
+        for key, value in split_figures(model, dataset, attack, eps, norm, device, split, seed).items():
             figures[_key(key, split)] = value
     figures['gap_acc'] = figures['train_acc'] - figures['test_acc']
     figures['gap_adv_acc'] = figures['adv_train_acc'] - figures['adv_test_acc']

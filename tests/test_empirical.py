@@ -1,6 +1,8 @@
-"""Empirical local Lipschitzness (empirical.py): analytic values on linear maps, and never above the
-certified local bound (after the norm conversion of ``empirical.certified_ratio_bound``)."""
+"""Empirical local Lipschitzness (empirical.py): analytic values on linear maps, the published
+descent against a transcription of the original loop, a brute-force grid on a tiny network, and never
+above the certified bound (``empirical.certified_ratio_bound``, with the denominator's 1e-6 shift)."""
 import csv
+import itertools
 import math
 
 import pytest
@@ -12,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import empirical
 import local_bound
 import models
+import norms
 from settings import AUTHORS
 from helpers import MNIST_MINI, needs_mnist
 
@@ -104,8 +107,9 @@ def small_relux_net(shape, seed):
 
 
 def assert_below_certified(model, x, eps, norm):
-    found = empirical.local_lipschitzness(model, x, eps, norm=norm)
-    bound = empirical.certified_ratio_bound(model, x, eps, AUTHORS.replace(sniter=100), norm=norm)
+    found, points = empirical.search_points(model, x, eps, norm=norm)
+    bound = empirical.certified_ratio_bound(model, x, eps, AUTHORS.replace(sniter=100), norm=norm,
+                                            distance=empirical.distances(x, points, norm))
     assert (found <= bound * (1 + 1e-4)).all(), (found / bound).max()
     return found / bound
 
@@ -138,3 +142,131 @@ def test_trained_mnist_network_stays_below_the_certified_bound():
     for eps in (0.02, 0.1):                       # 0.1: the paper's MNIST eps
         ratio = assert_below_certified(model, xt, eps, 2)
     assert ratio.max() > 0.01                     # the comparison is not vacuous
+
+
+# ----------------------------------------------------------------------------- the published procedure
+
+def published_loop(model, images, eps, seed, steps=10, step=0.003):
+    """docs/method_lolip.md §4 transcribed as the original runs it, for p = inf: after
+    torch.manual_seed(seed), batches of 16 from a DataLoader, a start at x + 0.001 N(0, 1) drawn on
+    the CPU, sign steps on the negated batch-mean ratio, clip to the box then to [0, 1]."""
+    torch.manual_seed(seed)
+    model.eval()
+    scores = []
+    for (x,) in DataLoader(TensorDataset(images), batch_size=16, shuffle=False):
+        x_adv = x + 0.001 * torch.randn(x.shape)
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            top = (model(x) - model(x_adv)).flatten(1).norm(p=1, dim=1)
+            bottom = (x - x_adv).flatten(1).add(1e-6).norm(p=float('inf'), dim=1)
+            loss = -(top / bottom).mean()
+            loss.backward()
+            x_adv = x_adv.detach() + step * x_adv.grad.sign()
+            x_adv = torch.clamp(x + torch.clamp(x_adv - x, -eps, eps), 0.0, 1.0)
+        with torch.no_grad():
+            top = (model(x) - model(x_adv)).flatten(1).norm(p=1, dim=1)
+            scores.append(top / (x - x_adv).flatten(1).add(1e-6).norm(p=float('inf'), dim=1))
+    return torch.cat(scores)
+
+
+def test_as_published_is_the_published_loop_whatever_ran_before_and_whatever_the_batch():
+    model = small_relux_net((1, 12, 12), seed=3)
+    images = torch.rand(40, 1, 12, 12)
+    expected = published_loop(model, images, 0.05, seed=7)
+    torch.manual_seed(123)                      # the global RNG plays no part
+    torch.randn(1000)
+    labelled = TensorDataset(images, torch.zeros(40, dtype=torch.long))
+    out = empirical.dataset_lipschitzness(model, DataLoader(labelled, batch_size=16), 0.05, seed=7, progress=False)
+    assert torch.equal(out['per_example_as_published'], expected)                 # bit for bit
+    # other batches round the convolutions differently: a few sign steps on near-zero slopes differ
+    out = empirical.dataset_lipschitzness(model, DataLoader(labelled, batch_size=7), 0.05, seed=7, progress=False)
+    assert out['per_example_as_published'].tolist() == pytest.approx(expected.tolist(), rel=1e-4)
+    assert out['lip_as_published'] == pytest.approx(float(expected.mean()), rel=1e-5)
+    # the same noise starts the maximisation, which ends far above the descent
+    assert (out['per_example_max'] > out['per_example_as_published']).all()
+    other = empirical.dataset_lipschitzness(model, DataLoader(labelled, batch_size=16), 0.05, seed=8, progress=False)
+    assert other['lip_as_published'] != out['lip_as_published']
+
+
+# ----------------------------------------------------------------------------- closed forms and brute force
+
+def infinity_to_one_norm(weight):
+    """max over sign vectors s of ||W s||_1: the largest ||W d||_1 / ||d||_inf (enumerated)."""
+    signs = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=weight.size(1))), dtype=torch.float64)
+    return float((signs @ weight.double().T).abs().sum(dim=1).max())
+
+
+def linear_model(weight):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(weight.size(1), weight.size(0)))
+    with torch.no_grad():
+        model[1].weight.copy_(weight)
+    return model
+
+
+def test_maximisation_of_a_linear_map_stays_below_its_closed_form():
+    # f(x) = W x + b: ||f(x) - f(x')||_1 / ||x - x'||_inf is at most max_s ||W s||_1 (a convex
+    # function of d peaks at a vertex of the box), enumerated over the 2^8 sign vectors
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(3, 8, generator=g)
+    model = linear_model(weight)
+    x = 0.3 + 0.4 * torch.rand(32, 8, generator=g)
+    found = empirical.local_lipschitzness(model, x, 0.03, steps=20, generator=empirical.published_noise(0))
+    closed = infinity_to_one_norm(weight)
+    assert (found <= closed * (1 + 1e-3)).all(), found.max() / closed       # 1e-3: the shift at |d| >= 0.003
+    assert found.max() >= 0.95 * closed, found.max() / closed                 # and the search gets there
+
+
+@pytest.mark.parametrize('norm', ['inf', 2, 1])
+def test_certified_ratio_bound_covers_the_shifted_denominator(norm):
+    # One input, f(x) = w x: at x' = x + r the measured ratio is |w| r / (r - 1e-6), above |w|, the
+    # bound that ignores the shift; the bound at distance r is exactly that sup.
+    model = linear_model(torch.tensor([[2.5]]))
+    x = torch.tensor([[0.5]])
+    for r in (1e-5, 3e-3):
+        adv = x + r
+        with torch.no_grad():
+            measured = empirical.lipschitz_ratio(model(x), model(adv), x, adv, norms.order(norm))
+        bound = empirical.certified_ratio_bound(model, x, 0.01, norm=norm, distance=r)
+        assert float(measured) > 2.5
+        assert float(bound) >= float(measured) * (1 - 1e-6)
+        assert float(bound) == pytest.approx(2.5 * r / (r - 1e-6), rel=1e-5)
+    assert math.isinf(float(empirical.certified_ratio_bound(model, x, 0.01, norm=norm, distance=1e-6)))
+
+
+def test_certified_ratio_bound_is_exact_for_an_equal_row_map_with_the_shift():
+    # W = u 1^T on d = 9 inputs, x' = x + r 1: ratio ||u||_1 d r / (r - 1e-6); the bound is
+    # ||W||_{2->1} sqrt(d) / (1 - 1e-6 / r) = ||u||_1 d / (1 - 1e-6 / r), the same number
+    u = torch.tensor([1.5, -0.5])
+    model = linear_model(torch.outer(u, torch.ones(9)))
+    x = torch.full((1, 9), 0.5)
+    r = 2e-4
+    adv = x + r
+    with torch.no_grad():
+        measured = float(empirical.lipschitz_ratio(model(x), model(adv), x, adv, math.inf))
+    bound = float(empirical.certified_ratio_bound(model, x, 0.01, distance=r))
+    assert bound >= measured * (1 - 1e-6)
+    assert bound == pytest.approx(measured, rel=1e-4)
+
+
+def test_tiny_network_by_brute_force():
+    # A 2-input ReLU network: the shifted ratio on a 401 x 401 grid of the box (points at least r
+    # from x) stays below the certified bound at distance r, which is not vacuous; both searches end
+    # at points of the box whose ratios lie in the grid's range (their last iterates are scored).
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x = torch.tensor([[0.4, 0.6]], dtype=torch.float64)
+    eps, r = 0.05, 0.003
+    axis = torch.linspace(-eps, eps, 401, dtype=torch.float64)
+    grid = torch.cartesian_prod(axis, axis)
+    grid = grid[grid.abs().amax(dim=1) >= r]
+    with torch.no_grad():
+        values = empirical.lipschitz_ratio(model(x), model(x + grid), x.expand_as(grid), x + grid, math.inf)
+    bound = float(empirical.certified_ratio_bound(model, x, eps, norm='inf', distance=r))
+    assert float(values.max()) <= bound <= 5 * float(values.max())
+    for seed in range(4):
+        for published in (False, True):
+            found, points = empirical.search_points(model, x, eps, steps=20, as_published=published,
+                                                    generator=empirical.published_noise(seed))
+            assert float((points - x).abs().max()) <= eps + 1e-12
+            assert float(empirical.distances(x, points, 'inf')) >= r
+            assert 0.98 * float(values.min()) <= float(found) <= 1.02 * float(values.max())

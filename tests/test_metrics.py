@@ -53,6 +53,30 @@ def test_metrics_have_one_row_per_epoch_after_a_run_and_two_resumes(tmp_path, mo
     assert rows[0]['lip_local_median'] == '' and rows[0]['test_cert_err'] == ''   # warm-up epoch
     for row in rows[1:]:
         assert 0 < float(row['lip_local_median']) <= float(row['lip_global']) * (1 + 1e-4)
+        assert row['lip_ratio_median'] == ''          # only with --tightness N
         assert all(0 <= float(row[c]) <= 1 for c in varying)
         assert math.isfinite(float(row['robust_loss'])) and 0 <= float(row['test_cert_err']) <= 1
     assert float(rows[1]['eps']) == 0.0 and float(rows[2]['eps']) == pytest.approx(1.58)
+
+
+def test_converged_ratios_are_local_over_global_by_explicit_svds():
+    """The --tightness ratios (converged local over converged global) against products of the top
+    singular values of the explicit (masked) matrices, on the first 5 examples of a loader."""
+    from types import SimpleNamespace
+
+    import evaluation
+    from helpers import affine_layers, explicit_matrix, masked_matrix, propagate_records, small_conv_net
+    model = small_conv_net('relux', seed=3).float()
+    x = torch.rand(8, 2, 7, 7)
+    loader = torch.utils.data.DataLoader(TensorDataset(x, torch.zeros(8, dtype=torch.long), torch.arange(8)),
+                                         batch_size=3)
+    args = SimpleNamespace(bound='local', seed=0)
+    ratios = evaluation.converged_ratios(model, loader, args, SimpleNamespace(device='cpu'), 0.3, 5)
+    matrices = [explicit_matrix(layer, shape).double() for layer, shape in affine_layers(model, (2, 7, 7))]
+    glob = math.prod(float(torch.linalg.svdvals(m)[0]) for m in matrices)
+    records = propagate_records(model, x[:5], 0.3)
+    expected = [math.prod(float(torch.linalg.svdvals(masked_matrix(m, rec.in_mask[i] if rec.in_mask is not None else None,
+                                                                   rec.out_mask[i]))[0])
+                          for m, rec in zip(matrices, records)) / glob for i in range(5)]
+    assert ratios.tolist() == pytest.approx(expected, rel=1e-4)
+    assert (ratios < 1).all()
