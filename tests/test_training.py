@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import checkpoints
+import data_load
 import evaluate
 import evaluation
 import local_bound
@@ -18,7 +19,7 @@ import resume
 import trainer
 import utils
 from settings import AUTHORS
-from helpers import MNIST_MINI, ROOT, needs_mnist
+from helpers import MNIST_MINI, ROOT, fake_mnist, needs_mnist
 
 
 def mnist_parse(argv, **defaults):
@@ -244,6 +245,37 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, monkeypatch, cap
         small_run(tmp_path, monkeypatch, ['--resume'])
     assert stop.value.code == 2
     assert 'checkpoint not found' in capsys.readouterr().err
+
+
+def tree(root):
+    """{relative path: bytes (None for a folder)} of everything under ``root``."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in root.rglob('*')}
+
+
+@pytest.mark.parametrize('case', ['missing data', 'missing checkpoint', 'unreadable checkpoint', 'bad flag'])
+def test_a_failed_start_writes_nothing(case, tmp_path, monkeypatch, capsys):
+    """A run that ends with a user error before training (data, --resume's checkpoint, flags) leaves
+    an earlier run's record and every folder as they were, and creates no folder (a failed MNIST
+    download used to leave an empty MNIST/raw)."""
+    monkeypatch.chdir(tmp_path)
+    earlier = tmp_path / 'pretrained'
+    earlier.mkdir()
+    for suffix, content in (('args.json', b'{"epochs": 300}'), ('train.log', b'epoch 0\n'),
+                            ('checkpoint.pth', b'not a checkpoint')):
+        (earlier / f'run_relux_{suffix}').write_bytes(content)
+    fake_mnist(tmp_path / 'data', train=16, test=8)
+    argv = {'missing data': ['--data_dir', 'nodata/sub'],
+            'missing checkpoint': ['--data_dir', 'data', '--resume', '--prefix', 'other'],
+            'unreadable checkpoint': ['--data_dir', 'data', '--resume'],
+            'bad flag': ['--data_dir', 'data', '--rampup', '0']}[case]
+    before = tree(tmp_path)
+    monkeypatch.setattr(data_load, '_missing_message', lambda *args: 'no data (test)')
+    with pytest.raises(SystemExit) as stop:
+        trainer.main(mnist_parse(['--epochs', '3', '--rampup', '1', '--prefix', 'run', '--workers', '0',
+                                  '--device', 'cpu', *argv]))
+    assert stop.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert tree(tmp_path) == before
 
 
 def test_missing_data_is_one_line_without_traceback(tmp_path):
