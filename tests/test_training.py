@@ -4,6 +4,7 @@ import functools
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -238,6 +239,18 @@ def test_resume_rewarms_the_stores_it_did_not_keep(tmp_path, monkeypatch, capsys
     out = capsys.readouterr().out
     assert 'per-example stores not restored (--save_store never' in out
     assert 'per-example stores re-warmed before training continues (train: 2 passes' in out
+
+
+def test_the_interrupt_line_says_what_is_kept():
+    shared = resume.StorePolicy(False, '2 processes each hold a share of the stores')
+    run = SimpleNamespace(stage='in epoch 5', saved_epoch=4, policy=shared)
+    line = resume.interrupt_line('pretrained/x_relux', run)
+    assert line.startswith('interrupted in epoch 5; kept: epochs 0-4 in pretrained/x_relux_checkpoint.pth')
+    assert 'not the per-example stores (2 processes each hold a share of the stores): --resume re-warms' in line
+    fresh = SimpleNamespace(stage='in epoch 0', saved_epoch=None, policy=shared)
+    assert 'no epoch of this run finished, so it wrote no checkpoint' in resume.interrupt_line('p', fresh)
+    assert resume.interrupt_line('p', None).startswith('interrupted before training began')
+    assert resume.interrupt_line('p', run, save=False).endswith('--no_save: nothing was kept')
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, monkeypatch, capsys):
