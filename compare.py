@@ -15,7 +15,6 @@ on the empirical ratio over the same box (``empirical.certified_ratio_bound``, v
 the searches reached), where they exist.
 Writes OUT.md and OUT.csv and prints the Markdown table.
 """
-import argparse
 import csv
 import math
 
@@ -152,27 +151,27 @@ def write_outputs(rows, args, count):
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--data', required=True, choices=('mnist', 'cifar10'))
-    p.add_argument('--data_dir', default='data/')
+    p = utils.OneLineParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--data', required=True, choices=('mnist', 'cifar10'), help='data set')
+    p.add_argument('--data_dir', default='data/', help='where the data sets are')
     p.add_argument('--eps', type=float, required=True, help='L2 radius for every column')
     p.add_argument('--locallip', action='append', default=[], metavar='NAME:PATH',
                    help='a Local-Lip checkpoint and its model name (repeatable)')
     p.add_argument('--lolip', action='append', default=[], metavar='PATH',
                    help='a lolip checkpoint written by lolip/main.py (repeatable)')
-    p.add_argument('--limit_test', type=int, help='the first N test images')
-    p.add_argument('--batch_size', type=int, default=100)
-    p.add_argument('--pgd_steps', type=int, default=100)
+    p.add_argument('--limit_test', type=int, help='the first N test images (default: all)')
+    p.add_argument('--batch_size', type=int, default=100, help='test batch size')
+    p.add_argument('--pgd_steps', type=int, default=100, help='steps of the L2 PGD attack')
     p.add_argument('--spectral', choices=('guaranteed', 'lanczos', 'power'), default='guaranteed',
-                   help='norms of the certificates: guaranteed upper bounds (default) or an estimate '
+                   help='norms of the certificates: guaranteed upper bounds or an estimate '
                         '(lanczos; power = the authors\' procedure)')
     p.add_argument('--bound', choices=('local', 'refined'), default='local',
                    help='the certified side\'s bound (docs/method.md §7)')
     p.add_argument('--failure_prob', type=float, default=1e-9, help='guaranteed: failure probability per certificate')
     p.add_argument('--sniter', type=int, default=2000, help='most iterations per norm of the bound')
     p.add_argument('--opt_iter', type=int, default=1000, help='iterations of the last-layer step (power)')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', default=utils.default_device())
+    p.add_argument('--seed', type=int, default=0, help='seed of the random start vectors and attacks')
+    p.add_argument('--device', default=utils.default_device(), help='cuda when available, else cpu')
     p.add_argument('--out', default='compare', help='writes OUT.md and OUT.csv')
     return p
 

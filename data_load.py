@@ -11,6 +11,7 @@ the empirical-Lipschitzness box. Two paths lead to batches of ``(x, y, index)``:
 ``index`` is each example's position in its dataset, used to address per-example stores.
 """
 
+import contextlib
 import math
 import pickle
 from dataclasses import dataclass
@@ -137,16 +138,43 @@ def _missing_message(name, data_dir, expected, download):
 
 
 def _torchvision_pair(dataset_class, name, expected, data_dir, download, transform_pair):
-    """(train, test) torchvision datasets; any loading failure becomes a DataNotFoundError."""
+    """(train, test) torchvision datasets; any loading failure becomes a DataNotFoundError and
+    leaves no folder the attempt created behind."""
     train_transform, test_transform = transform_pair
     try:
-        train_set = dataset_class(data_dir, train=True, transform=train_transform,
-                                  download=download)
-        test_set = dataset_class(data_dir, train=False, transform=test_transform,
-                                 download=download)
+        with no_new_empty_folders(data_dir):
+            train_set = dataset_class(data_dir, train=True, transform=train_transform,
+                                      download=download)
+            test_set = dataset_class(data_dir, train=False, transform=test_transform,
+                                     download=download)
     except _TORCHVISION_LOAD_ERRORS as error:
         raise DataNotFoundError(_missing_message(name, data_dir, expected, download)) from error
     return train_set, test_set
+
+
+def _folders(root, depth=2):
+    """The folders that exist among ``root``, its parents and the ``depth`` levels below it."""
+    root = Path(root).absolute()
+    found = {p for p in (root, *root.parents) if p.is_dir()}
+    level = [root] if root.is_dir() else []
+    for _ in range(depth):
+        level = [child for folder in level for child in folder.iterdir() if child.is_dir()]
+        found.update(level)
+    return found
+
+
+@contextlib.contextmanager
+def no_new_empty_folders(root):
+    """When the block fails, remove the folders it created at or near ``root`` (see ``_folders``)
+    that are still empty: a failed download (e.g. torchvision's ``MNIST/raw``) leaves nothing behind."""
+    before = _folders(root)
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(_folders(root) - before, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):      # not empty: the attempt kept a file there
+                folder.rmdir()
+        raise
 
 
 def _check_tiny_layout(root):

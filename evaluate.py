@@ -30,7 +30,7 @@ def extra_flags(parser):
     g = parser.add_argument_group('certified radius and empirical Lipschitzness')
     g.add_argument('--radius', action='store_true',
                    help="bisect each test example's largest certified eps; writes <saved_model>_radius.csv")
-    g.add_argument('--radius_max', type=float, default=None, help='largest eps searched (default 3 x --epsilon)')
+    g.add_argument('--radius_max', type=float, default=None, help='largest eps searched (default: 3 x --epsilon)')
     g.add_argument('--radius_tol', type=float, default=1e-3, help='bisection tolerance relative to the radius: the reported radius r is certified, (1 + tol) r is not')
     g.add_argument('--empirical_lip', action='store_true',
                    help='empirical local Lipschitzness (Yang et al. 2020) of the logits, both the maximisation '

@@ -19,7 +19,6 @@ for:
 
 Every figure function returns its matplotlib Figure; the plotted series are the CSV values.
 """
-import argparse
 import csv
 import json
 import os
@@ -32,6 +31,8 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+import utils  # noqa: E402
 
 HISTOGRAM_BINS = 30
 CURVE_POINTS = 201
@@ -359,12 +360,11 @@ def make_figures(runs, out_dir):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = utils.OneLineParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--runs', nargs='+', required=True,
                         help='run prefixes P (reads P_metrics.csv, P_radius.csv, P_lipschitz.csv, P_args.json)')
     parser.add_argument('--names', nargs='+', help='legend names, one per run (default: basename of P)')
-    parser.add_argument('--out', default='figures', help='output folder (default: figures)')
+    parser.add_argument('--out', default='figures', help='output folder')
     args = parser.parse_args(argv)
     if args.names is not None and len(args.names) != len(args.runs):
         parser.error(f'--names has {len(args.names)} names for {len(args.runs)} runs')

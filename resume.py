@@ -161,18 +161,18 @@ def warm_line(means):
 
 # ----------------------------------------------------------------------------- interruption
 
-def interrupt_line(prefix, epoch, saved_epoch, policy, save=True):
+def interrupt_line(prefix, run, save=True):
     """What Ctrl-C leaves: the last finished epoch's checkpoint, whether the stores are kept, and
-    how to continue. ``epoch``: the epoch that was running (None: before training began);
-    ``saved_epoch``: the last epoch whose checkpoint this run wrote (None: none yet)."""
-    where = 'before training began' if epoch is None else f'in epoch {epoch}'
+    how to continue. ``run``: the trainer's Run (None: stopped while it was being built)."""
+    where = 'before training began' if run is None else run.stage
+    saved_epoch = None if run is None else run.saved_epoch
     if not save:
         return f'interrupted {where}; --no_save: nothing was kept'
     if saved_epoch is None:
         return (f'interrupted {where}; no epoch of this run finished, so it wrote no checkpoint '
                 f'({prefix}_checkpoint.pth, if there, is an earlier one): rerun to start again')
-    kept = (f'the per-example stores of epoch {saved_epoch} in {prefix}_store.pth' if policy.keep
-            else f'not the per-example stores ({policy.reason}): --resume re-warms them with up to '
+    kept = (f'the per-example stores of epoch {saved_epoch} in {prefix}_store.pth' if run.policy.keep
+            else f'not the per-example stores ({run.policy.reason}): --resume re-warms them with up to '
                  f'{WARM_PASSES} passes over the data first')
     return (f'interrupted {where}; kept: epochs 0-{saved_epoch} in {prefix}_checkpoint.pth (weights, '
             f'optimiser, lr schedule, RNG, best error) and {kept}; continue with the same command '

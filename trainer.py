@@ -221,7 +221,7 @@ class Run:
     stores: tuple
     policy: resume.StorePolicy
     checkpoint: dict = None         # --resume: the checkpoint read (already loaded into the above)
-    epoch: int = None               # the epoch running now
+    stage: str = 'before training began'    # where the run is now, for that line
     saved_epoch: int = None         # the last epoch whose checkpoint this run wrote
 
 
@@ -306,10 +306,10 @@ def train(run, args, runtime, logger):
     if runtime.is_main and args.save:
         metrics = MetricsCSV(args.prefix + '_metrics.csv', local_bound.activation_layers(run.model), start)
     for epoch in range(start, args.epochs):
-        run.epoch = epoch
+        run.stage = f'in epoch {epoch}'
         set_loader_epoch(run.train_loader, epoch, args.seed + runtime.rank)
         best_err = _run_epoch(run, args, runtime, logger, epoch, best_err, metrics)
-    run.epoch = None
+    run.stage = 'in the final evaluation'
     return final_report(args, runtime, logger, run.test_loader, run.stores[1], run.model)
 
 
@@ -410,8 +410,7 @@ def main(parse, train_set=None, test_set=None):
               'epoch: lower --lr (or fix the data/flags) and rerun with --resume', file=sys.stderr)
         sys.exit(utils.EXIT_DIVERGED)
     except KeyboardInterrupt:
-        logger.info(resume.interrupt_line(args.prefix, run and run.epoch, run and run.saved_epoch,
-                                          run and run.policy, args.save))
+        logger.info(resume.interrupt_line(args.prefix, run, args.save))
         sys.exit(130)
     finally:
         close_runtime(runtime)

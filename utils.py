@@ -3,6 +3,7 @@
 The models and layers live in ``models.py``; the names scripts reach through ``utils`` are
 re-exported here."""
 import argparse
+import copy
 import json
 import logging
 import math
@@ -33,6 +34,43 @@ def exit_user_error(error):
 
 # ----------------------------------------------------------------------------- flags
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` gives every option its default ("(default: X)", also for options without a help
+    text), or "(required)"; choices show in the option's metavar ({a,b}). An option whose default
+    is None says in its own help what leaving it out means; switches (store_true) show none."""
+
+    def _format_action(self, action):
+        if action.help is None and action.option_strings:
+            action = copy.copy(action)
+            action.help = '(required)' if action.required else '(default: %(default)s)'
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        if action.required and '(required)' not in action.help:
+            return f'{action.help} (required)'
+        if action.default is None or (action.nargs == 0 and action.default is False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (``prog: error: ...; see prog --help``,
+    exit status 2) instead of the usage block, and whose --help shows every default
+    (``HelpFormatter``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('formatter_class', HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
+def _model_help(datasets):
+    """The architectures of each data set, for ``--model``'s help."""
+    return 'architecture; ' + '; '.join(f"{d}: {', '.join(model_names(d))}" for d in datasets)
+
+
 def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, warmup=20, rampup=400,
               epsilon=36 / 255, epsilon_train=0.1551, starting_epsilon=0.0, lr=1e-3, end_lr=5e-6,
               argv=None, extra=None, training=True):
@@ -42,17 +80,20 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
     optimiser, stores, checkpoints of the run) and adds ``--saved_model``. ``extra(parser)`` may add
     script-specific flags. Returns the namespace with derived fields.
     """
-    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser()
     g = p.add_argument_group('schedule' if training else 'radius')
-    g.add_argument('--epsilon', type=float, default=epsilon, help='L2 radius for evaluation')
+    g.add_argument('--epsilon', type=float, default=epsilon,
+                   help='L2 radius of the certificates reported' + (' at the end' if training else ''))
     if training:
-        g.add_argument('--epochs', type=int, default=epochs)
+        g.add_argument('--epochs', type=int, default=epochs, help='training epochs')
         g.add_argument('--warmup', type=int, default=warmup, help='epochs of plain cross-entropy training')
         g.add_argument('--rampup', type=int, default=rampup, help='epochs over which eps and kappa ramp')
-        g.add_argument('--epsilon_train', type=float, default=epsilon_train)
-        g.add_argument('--starting_epsilon', type=float, default=starting_epsilon)
-        g.add_argument('--kappa', type=float, default=0.0)
-        g.add_argument('--starting_kappa', type=float, default=1.0)
+        g.add_argument('--epsilon_train', type=float, default=epsilon_train, help='L2 radius trained at after the ramp-up')
+        g.add_argument('--starting_epsilon', type=float, default=starting_epsilon,
+                       help='L2 radius trained at when the ramp-up starts')
+        g.add_argument('--kappa', type=float, default=0.0, help='weight of the clean loss after the ramp-up')
+        g.add_argument('--starting_kappa', type=float, default=1.0,
+                       help='weight of the clean loss when the ramp-up starts')
     g = p.add_argument_group('bound')
     g.add_argument('--bound', choices=['local', 'refined', 'global'], default='local',
                    help='local: the paper\'s masked (local) Lipschitz bound; refined: local with masked row '
@@ -61,8 +102,11 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
     if training:
         g.add_argument('--sniter', type=int, default=1, help='power iterations per training step')
         g.add_argument('--opt_iter', type=int, default=1, help='clip-and-rescale iterations per training step')
-    g.add_argument('--test_sniter', type=int, default=100)
-    g.add_argument('--test_opt_iter', type=int, default=1000)
+    g.add_argument('--test_sniter', type=int, default=100,
+                   help='at test time: power iterations per norm (--spectral power), or at most this many '
+                        'Lanczos steps per norm (guaranteed, lanczos)')
+    g.add_argument('--test_opt_iter', type=int, default=1000,
+                   help='clip-and-rescale iterations of the last layer at test time (--translation iterative)')
     g.add_argument('--gloro', action='store_true', help='GloRo loss with an extra "bottom" logit')
     g.add_argument('--spectral', choices=['guaranteed', 'lanczos', 'power'], default='power',
                    help='norms of the test-time bound: guaranteed = upper bounds with failure probability '
@@ -80,41 +124,47 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
         _optimiser_flags(p.add_argument_group('optimiser'), lr, end_lr)
     g = p.add_argument_group('attack')
     g.add_argument('--niter', type=int, default=100, help='PGD steps')
-    g.add_argument('--alpha', type=float, default=None, help='PGD step size (default epsilon/4)')
+    g.add_argument('--alpha', type=float, default=None, help='PGD step size (default: --epsilon / 4)')
     g.add_argument('--restarts', type=int, default=1, help='PGD random restarts')
     g = p.add_argument_group('model and data')
-    g.add_argument('--data', default=data, choices=sorted({name for name, _ in MODELS}))
-    g.add_argument('--model', default=model)
+    # a training script trains on its own data set; evaluation takes any that has a model
+    datasets = [data] if training else sorted({name for name, _ in MODELS})
+    g.add_argument('--data', default=data, choices=datasets, help='data set')
+    g.add_argument('--model', default=model, help=_model_help(datasets))
     g.add_argument('--init', type=float, default=1.0, help='initial ReLU_x threshold (c6f2/tiny models)')
-    g.add_argument('--data_dir', default='data/')
-    g.add_argument('--test_batch_size', type=int, default=batch_size)
-    g.add_argument('--normalization', action='store_true')
+    g.add_argument('--data_dir', default='data/',
+                   help='where the data sets are (downloaded there when absent and the network allows)')
+    g.add_argument('--test_batch_size', type=int, default=batch_size, help='test batch size')
+    g.add_argument('--normalization', action='store_true', help="normalise inputs by the data set's mean and std")
     g.add_argument('--workers', type=int, default=2, help='DataLoader worker processes')
-    g.add_argument('--limit_test', type=int, default=None, help='use only the first N test examples')
+    g.add_argument('--limit_test', type=int, default=None,
+                   help='use only the first N test examples (default: all)')
     if training:
-        g.add_argument('--batch_size', type=int, default=batch_size)
-        g.add_argument('--no_augmentation', action='store_true')
-        g.add_argument('--drop_last', action='store_true')
-        g.add_argument('--no_shuffle', action='store_true')
-        g.add_argument('--limit_train', type=int, default=None, help='use only the first N training examples')
+        g.add_argument('--batch_size', type=int, default=batch_size, help='training batch size (per process)')
+        g.add_argument('--no_augmentation', action='store_true', help='train without random crops and flips')
+        g.add_argument('--drop_last', action='store_true', help='drop the last incomplete training batch')
+        g.add_argument('--no_shuffle', action='store_true', help='visit the training examples in order')
+        g.add_argument('--limit_train', type=int, default=None,
+                       help='use only the first N training examples (default: all)')
         _performance_flags(p.add_argument_group('performance'))
     g = p.add_argument_group('run')
     if training:
-        g.add_argument('--prefix', default=None, help='files are written to pretrained/<prefix>_<model>_*')
+        g.add_argument('--prefix', default='temporary', help='files are written to pretrained/<prefix>_<model>_*')
         g.add_argument('--resume', action='store_true', help='continue from <prefix>_checkpoint.pth')
         g.add_argument('--save_store', nargs='?', const='always', default='auto', choices=['auto', 'always', 'never'],
                        help='keep the per-example singular vectors with every checkpoint (<prefix>_store.pth), so '
                             'that --resume repeats the uninterrupted run: auto = in one process and up to 2 GiB; '
                             'otherwise --resume re-warms them with passes over the data before training continues '
                             '(a bare --save_store means always)')
-        g.add_argument('--no_save', action='store_true')
+        g.add_argument('--no_save', action='store_true', help='write no file (log, checkpoints, best model)')
         g.add_argument('--verbose', type=int, default=200, help='log every N batches to the train log')
         g.add_argument('--tightness', type=int, default=0,
                        help='every robust epoch, the local (or refined) / global bound of the first N test '
                             'examples from converged values (Lanczos estimates over the float64 converged '
                             'global product): the metrics CSV\'s lip_ratio_median; 0 skips it')
     else:
-        g.add_argument('--saved_model', default=None, help='the checkpoint: its prefix (loads <saved_model>_best.pth) or the .pth file itself')
+        g.add_argument('--saved_model', default=None,
+                       help='required: the checkpoint prefix (loads <saved_model>_best.pth; a .pth path works too)')
     g.add_argument('--seed', type=int, default=2019)
     g.add_argument('--device', default=default_device(), help='cuda when available, else cpu')
     if extra is not None:
@@ -125,16 +175,19 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
 
 
 def _optimiser_flags(g, lr, end_lr):
-    g.add_argument('--opt', choices=['adam', 'sgd'], default='adam')
-    g.add_argument('--lr', type=float, default=lr)
-    g.add_argument('--end_lr', type=float, default=end_lr)
-    g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--weight_decay', type=float, default=0.0)
-    g.add_argument('--lr_scheduler', choices=['exp', 'step', 'multistep'], default='exp')
+    g.add_argument('--opt', choices=['adam', 'sgd'], default='adam', help='optimiser')
+    g.add_argument('--lr', type=float, default=lr, help='initial learning rate')
+    g.add_argument('--end_lr', type=float, default=end_lr, help='learning rate of the last epoch (--lr_scheduler exp)')
+    g.add_argument('--momentum', type=float, default=0.9, help='momentum (--opt sgd)')
+    g.add_argument('--weight_decay', type=float, default=0.0, help='weight decay (--opt sgd)')
+    g.add_argument('--lr_scheduler', choices=['exp', 'step', 'multistep'], default='exp',
+                   help='exp: constant, then exponential decay to --end_lr; step: x --gamma every --step_size '
+                        'epochs after the ramp-up; multistep: x --gamma at each --wd_list epoch')
     g.add_argument('--more', type=int, default=25, help='extra epochs at the initial lr before exp decay')
-    g.add_argument('--step_size', type=int, default=10)
-    g.add_argument('--gamma', type=float, default=0.5)
-    g.add_argument('--wd_list', nargs='*', type=int, default=None, help='multistep milestones')
+    g.add_argument('--step_size', type=int, default=10, help='epochs between lr decays (--lr_scheduler step)')
+    g.add_argument('--gamma', type=float, default=0.5, help='lr decay factor (--lr_scheduler step, multistep)')
+    g.add_argument('--wd_list', nargs='*', type=int, default=None,
+                   help='lr milestones, epochs (default: none; --lr_scheduler multistep needs them)')
 
 
 def _performance_flags(g):
@@ -189,7 +242,7 @@ def finish_args(parser, args, training=True):
         args.augmentation = not args.no_augmentation
         args.shuffle = not args.no_shuffle
         args.save = not args.no_save
-        args.prefix = os.path.join('pretrained', f"{args.prefix or 'temporary'}_{args.model}")
+        args.prefix = os.path.join('pretrained', f'{args.prefix}_{args.model}')
     return args
 
 

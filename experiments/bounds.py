@@ -18,7 +18,6 @@ norms, ``radius.dataset_radii``); then ``OUT/summary.md`` (certified accuracy at
 every pair, and the median refined / local bound ratio) and the figures of ``plots.py`` in
 ``OUT/figures``. Interrupted, it starts again where it stopped (finished files are kept).
 """
-import argparse
 import csv
 import functools
 import json
@@ -55,16 +54,16 @@ RECIPES = {   # per data set: model, eps, and the training flags (the README's q
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.OneLineParser(description=__doc__)
     p.add_argument('--data', choices=sorted(RECIPES), required=True)
     p.add_argument('--data_dir', default=None,
                    help='MNIST: a folder torchvision reads (default: the bundled samples/mnist); '
                         'CIFAR-10 without --subset: where torchvision finds or downloads it (default data/)')
     p.add_argument('--subset', default=None, help='CIFAR-10: an .npz of uint8 x [N, 3, 32, 32] and y (real '
                                                   'training images) instead of torchvision\'s CIFAR-10')
-    p.add_argument('--train', type=int, default=None, help='training images (default 4000)')
+    p.add_argument('--train', type=int, default=None, help='training images (default: 4000)')
     p.add_argument('--test', type=int, default=100, help='held-out images certified')
-    p.add_argument('--epochs', type=int, default=None, help='training epochs (default 5)')
+    p.add_argument('--epochs', type=int, default=None, help='training epochs (default: 5)')
     p.add_argument('--eps', type=float, default=None, help='evaluation eps (default: MNIST 1.58, the paper\'s; '
                                                            'CIFAR-10 0.02, for 5 epochs trained at 0.03)')
     p.add_argument('--bounds', nargs='+', choices=BOUNDS, default=list(BOUNDS), help='training bounds')
@@ -72,9 +71,9 @@ def parse_args(argv=None):
     p.add_argument('--radius_tol', type=float, default=0.1, help='relative tolerance of the radius search')
     p.add_argument('--grid', type=int, default=6, help='grid points of the radius search up to 3 x eps')
     p.add_argument('--sniter', type=int, default=2000, help='most Lanczos steps per guaranteed norm')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
-    p.add_argument('--out', required=True)
+    p.add_argument('--seed', type=int, default=0, help='seed of training and certification')
+    p.add_argument('--threads', type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument('--out', required=True, help='folder of the runs, CSVs, summary and figures')
     args = p.parse_args(argv)
     recipe = RECIPES[args.data]
     args.model = args.model or recipe['model']

@@ -27,35 +27,29 @@ from lolip.objectives import build_objective  # noqa: E402
 EXPERIMENTS = ('experiment01', 'hypo', 'restrictedImgnet')
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (exit status 2), without the usage block."""
-
-    def error(self, message):
-        self.exit(2, f'{self.prog}: error: {message}\n')
-
-
 def parser():
-    p = OneLineParser(prog='lolip/main.py', description=__doc__.split('\n\n')[0])
+    p = utils.OneLineParser(prog='lolip/main.py', description=__doc__.split('\n\n')[0])
     p.add_argument('--experiment', required=True, choices=EXPERIMENTS,
                    help='names the output folder (all run the same pipeline)')
     p.add_argument('--no-hooks', action='store_true', help="accepted (the original's framework)")
     p.add_argument('--norm', required=True, choices=('inf', '2'), help='attack and ball norm')
     p.add_argument('--eps', required=True, type=float, help='radius of the ball')
-    p.add_argument('--dataset', required=True, choices=data.DATASETS)
+    p.add_argument('--dataset', required=True, choices=data.DATASETS, help='data set')
     p.add_argument('--model', required=True, help='[AUG-]LOSS-tor-ARCH[-HYPER], e.g. ce-tor-CNN001')
-    p.add_argument('--attack', required=True, choices=('pgd', 'multitarget'))
-    p.add_argument('--random_seed', type=int, default=0)
+    p.add_argument('--attack', required=True, choices=('pgd', 'multitarget'), help='attack of the evaluation')
+    p.add_argument('--random_seed', type=int, default=0, help='seed of training and the attacks')
     p.add_argument('--as_published', action=argparse.BooleanOptionalAction, default=True,
                    help="LLR's zeroed gradient and TULIP's doubled CE gradient as in the original "
-                        "code (default); --no-as_published: the papers' formulas")
+                        "code; --no-as_published: the papers' formulas")
     p.add_argument('--data_dir', default='data/', help='where the data sets are')
     p.add_argument('--download', action=argparse.BooleanOptionalAction, default=True,
                    help='download MNIST/CIFAR-10/SVHN when absent (needs network)')
     p.add_argument('--out_dir', default='runs', help='results go to OUT_DIR/EXPERIMENT/')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--epochs', type=int, help='override the recipe (and --model epN)')
-    p.add_argument('--limit_train', type=int, help='use the first N training examples')
-    p.add_argument('--limit_test', type=int, help='use the first N test examples')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='cuda when available, else cpu')
+    p.add_argument('--epochs', type=int, help="training epochs (default: the recipe's, or --model's epN)")
+    p.add_argument('--limit_train', type=int, help='use the first N training examples (default: all)')
+    p.add_argument('--limit_test', type=int, help='use the first N test examples (default: all)')
     p.add_argument('--resume', action='store_true', help="continue this run's checkpoint")
     return p
 

@@ -8,12 +8,12 @@ into class folders). The 9 super-classes take the WNIDs at these positions of th
 ``<data_dir>/restricted_imagenet/{train,val}/<super-class>/``, so the super-class folders sort
 alphabetically into the labels bird, cat, crab, dog, fish, frog, insect, primate, turtle.
 """
-import argparse
 import os
 import sys
 from pathlib import Path
 
 import data_load
+import utils
 
 SUPER_CLASSES = {
     'dog': (151, 268), 'cat': (281, 285), 'frog': (30, 32), 'turtle': (33, 37),
@@ -69,7 +69,7 @@ def prepare(imagenet, data_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = utils.OneLineParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--imagenet', required=True, help='folder with ImageNet train/ and val/')
     parser.add_argument('--data_dir', default='data/', help='where restricted_imagenet/ goes')
     args = parser.parse_args(argv)

@@ -8,7 +8,8 @@
   ``twin_stores``);
 * the real MNIST digits of ../shared/data (``MNIST_MINI``, ``HAVE_MNIST``) and the marks of the
   tests that read them (``needs_mnist``); the marks of the tests that start several processes
-  (``multi_process``) and ``launch``, which runs a script in one process or several (torchrun).
+  (``multi_process``) and ``launch``, which runs a script in one process or several (torchrun);
+* ``fake_mnist``: a small synthetic MNIST folder in torchvision's raw layout.
 
 conftest.py registers this module for pytest's assertion rewriting.
 """
@@ -16,6 +17,7 @@ import math
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -349,6 +351,30 @@ def twin_stores(model, input_shape, n):
 
 def propagate_records(model, x, eps, sniter=3000):
     return lb.propagate(model, x, eps, AUTHORS.replace(sniter=sniter)).records
+
+
+# ----------------------------------------------------------------------------- a synthetic MNIST folder
+
+def write_idx(path, array):
+    """An uncompressed IDX file (MNIST's format) holding the uint8 ``array``."""
+    path.write_bytes(struct.pack('>I', 0x800 + array.ndim) + struct.pack(f'>{array.ndim}I', *array.shape)
+                     + array.astype(np.uint8).tobytes())
+
+
+def fake_mnist(root, train=32, test=41, seed=0):
+    """MNIST in torchvision's raw layout: noisy 28x28 images whose label is where a bright patch is."""
+    rng = np.random.default_rng(seed)
+    raw = root / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for split, count in (('train', train), ('t10k', test)):
+        labels = rng.integers(0, 10, count)
+        images = rng.integers(0, 60, (count, 28, 28))
+        for image, label in zip(images, labels):
+            row, col = 4 + 12 * (label // 5), 1 + 5 * (label % 5)
+            image[row:row + 6, col:col + 5] = 255
+        write_idx(raw / f'{split}-images-idx3-ubyte', images)
+        write_idx(raw / f'{split}-labels-idx1-ubyte', labels)
+    return root
 
 
 # ----------------------------------------------------------------------------- scripts in several processes

@@ -5,7 +5,6 @@ synthetic MNIST folder; a launcher (helpers.launch) records, per rank, the files
 and its final parameters; the trainings run in float64 (see TOLERANCE). About two minutes on 2 cores.
 """
 import re
-import struct
 import textwrap
 from pathlib import Path
 
@@ -19,29 +18,7 @@ import local_bound
 import ranks
 import trainer
 import utils
-from helpers import launch, multi_process, store_lines
-
-
-def write_idx(path, array):
-    """An uncompressed IDX file (MNIST's format) holding the uint8 ``array``."""
-    path.write_bytes(struct.pack('>I', 0x800 + array.ndim) + struct.pack(f'>{array.ndim}I', *array.shape)
-                     + array.astype(np.uint8).tobytes())
-
-
-def fake_mnist(root, train=32, test=41, seed=0):
-    """MNIST in torchvision's raw layout: noisy 28x28 images whose label is where a bright patch is."""
-    rng = np.random.default_rng(seed)
-    raw = root / 'MNIST' / 'raw'
-    raw.mkdir(parents=True)
-    for split, count in (('train', train), ('t10k', test)):
-        labels = rng.integers(0, 10, count)
-        images = rng.integers(0, 60, (count, 28, 28))
-        for image, label in zip(images, labels):
-            row, col = 4 + 12 * (label // 5), 1 + 5 * (label % 5)
-            image[row:row + 6, col:col + 5] = 255
-        write_idx(raw / f'{split}-images-idx3-ubyte', images)
-        write_idx(raw / f'{split}-labels-idx1-ubyte', labels)
-    return root
+from helpers import fake_mnist, launch, multi_process, store_lines
 
 
 def epoch_lines(log):

@@ -4,12 +4,14 @@ import functools
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 import checkpoints
+import data_load
 import evaluate
 import evaluation
 import local_bound
@@ -18,7 +20,7 @@ import resume
 import trainer
 import utils
 from settings import AUTHORS
-from helpers import MNIST_MINI, ROOT, needs_mnist
+from helpers import MNIST_MINI, ROOT, fake_mnist, needs_mnist
 
 
 def mnist_parse(argv, **defaults):
@@ -239,11 +241,54 @@ def test_resume_rewarms_the_stores_it_did_not_keep(tmp_path, monkeypatch, capsys
     assert 'per-example stores re-warmed before training continues (train: 2 passes' in out
 
 
+def test_the_interrupt_line_says_what_is_kept():
+    shared = resume.StorePolicy(False, '2 processes each hold a share of the stores')
+    run = SimpleNamespace(stage='in epoch 5', saved_epoch=4, policy=shared)
+    line = resume.interrupt_line('pretrained/x_relux', run)
+    assert line.startswith('interrupted in epoch 5; kept: epochs 0-4 in pretrained/x_relux_checkpoint.pth')
+    assert 'not the per-example stores (2 processes each hold a share of the stores): --resume re-warms' in line
+    fresh = SimpleNamespace(stage='in epoch 0', saved_epoch=None, policy=shared)
+    assert 'no epoch of this run finished, so it wrote no checkpoint' in resume.interrupt_line('p', fresh)
+    assert resume.interrupt_line('p', None).startswith('interrupted before training began')
+    assert resume.interrupt_line('p', run, save=False).endswith('--no_save: nothing was kept')
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         small_run(tmp_path, monkeypatch, ['--resume'])
     assert stop.value.code == 2
     assert 'checkpoint not found' in capsys.readouterr().err
+
+
+def tree(root):
+    """{relative path: bytes (None for a folder)} of everything under ``root``."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in root.rglob('*')}
+
+
+@pytest.mark.parametrize('case', ['missing data', 'missing checkpoint', 'unreadable checkpoint', 'bad flag'])
+def test_a_failed_start_writes_nothing(case, tmp_path, monkeypatch, capsys):
+    """A run that ends with a user error before training (data, --resume's checkpoint, flags) leaves
+    an earlier run's record and every folder as they were, and creates no folder (a failed MNIST
+    download used to leave an empty MNIST/raw)."""
+    monkeypatch.chdir(tmp_path)
+    earlier = tmp_path / 'pretrained'
+    earlier.mkdir()
+    for suffix, content in (('args.json', b'{"epochs": 300}'), ('train.log', b'epoch 0\n'),
+                            ('checkpoint.pth', b'not a checkpoint')):
+        (earlier / f'run_relux_{suffix}').write_bytes(content)
+    fake_mnist(tmp_path / 'data', train=16, test=8)
+    argv = {'missing data': ['--data_dir', 'nodata/sub'],
+            'missing checkpoint': ['--data_dir', 'data', '--resume', '--prefix', 'other'],
+            'unreadable checkpoint': ['--data_dir', 'data', '--resume'],
+            'bad flag': ['--data_dir', 'data', '--rampup', '0']}[case]
+    before = tree(tmp_path)
+    monkeypatch.setattr(data_load, '_missing_message', lambda *args: 'no data (test)')
+    with pytest.raises(SystemExit) as stop:
+        trainer.main(mnist_parse(['--epochs', '3', '--rampup', '1', '--prefix', 'run', '--workers', '0',
+                                  '--device', 'cpu', *argv]))
+    assert stop.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert tree(tmp_path) == before
 
 
 def test_missing_data_is_one_line_without_traceback(tmp_path):
