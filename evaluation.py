@@ -21,7 +21,8 @@ from utils import UsageError
 def bound_settings(args, training):
     """The ``BoundSettings`` of the flags for training (the authors' warm power iteration and
     clip-and-rescale, with the sparsity term when ``--sparse``) or test time (``--spectral``,
-    ``--translation``, ``--test_sniter``, ``--test_opt_iter``, ``--failure_prob``, seeded by ``--seed``)."""
+    ``--translation``, ``--test_sniter``, ``--test_opt_iter``, ``--failure_prob``; the guaranteed
+    norms seeded by ``--cert_seed`` for reported certificates, by ``--seed`` in the per-epoch pass)."""
     method = 'power' if training else getattr(args, 'spectral', 'power')
     return BoundSettings(
         method=method, sniter=args.sniter if training else args.test_sniter,
@@ -29,7 +30,27 @@ def bound_settings(args, training):
         translation='iterative' if training else getattr(args, 'translation', 'iterative'),
         sp_thres=getattr(args, 'sp_thres', None) if training and getattr(args, 'sparse', 0) else None,
         power_grad=getattr(args, 'power_grad', 'unrolled') if method == 'power' else 'unrolled',
-        failure_prob=getattr(args, 'failure_prob', 1e-9), seed=args.seed)
+        failure_prob=getattr(args, 'failure_prob', 1e-9), seed=certification_seed(args))
+
+
+def certification_seed(args):
+    """The seed of the guaranteed norms for the flags: ``--cert_seed`` where the certificates are
+    reported (``args.reporting``, set by ``utils.argparser`` and ``reported_settings``), else ``--seed``."""
+    return args.cert_seed if getattr(args, 'reporting', False) else args.seed
+
+
+def certificates_line(args):
+    """The log line saying how the certificates of the flags are computed, with the seed to repeat them."""
+    settings = bound_settings(args, training=False)
+    line = 'certificates: ' + settings.describe()
+    if settings.guaranteed and getattr(args, 'reporting', False) and getattr(args, 'cert_seed_drawn', False):
+        line += f' (drawn from the OS; --cert_seed {args.cert_seed} repeats this run)'
+    return line
+
+
+def share_certification_seed(args, runtime):
+    """Every process certifies with the main process's ``--cert_seed`` (each drew its own)."""
+    args.cert_seed = runtime.shared(args.cert_seed)
 
 
 # How reported certificates are computed (evaluate.py, audit.py, compare.py, the final report after
@@ -42,8 +63,10 @@ EVALUATION_DEFAULTS = dict(spectral='guaranteed', translation='exact', test_snit
 def reported_settings(args):
     """``args`` for a certificate meant to be reported: the evaluation defaults (guaranteed norms)
     with at least 2000 steps. The per-epoch test pass keeps ``--spectral``, ``--test_sniter`` and
-    its warm per-example store: its figures track training (they are the method's)."""
+    its warm per-example store: its figures track training (they are the method's). Their
+    guaranteed norms start from ``--cert_seed`` (``certification_seed``)."""
     settings = argparse.Namespace(**vars(args))
+    settings.reporting = True
     settings.spectral, settings.translation = EVALUATION_DEFAULTS['spectral'], EVALUATION_DEFAULTS['translation']
     settings.test_sniter = max(args.test_sniter, EVALUATION_DEFAULTS['test_sniter'])
     return settings
@@ -159,7 +182,7 @@ def evaluate_all(model, loader, args, runtime, logger, store=None):
     logger.info(f'{total} test examples at eps {args.epsilon:.4f}: clean error {clean_err:.4f} '
                 f'(acc {1 - clean_err:.4f}) | PGD error {pgd_err:.4f} (acc {1 - pgd_err:.4f}) | '
                 f'certified error {cert_err:.4f} (acc {1 - cert_err:.4f})')
-    logger.info('certificates: ' + bound_settings(args, training=False).describe())
+    logger.info(certificates_line(args))
     return {'clean_err': clean_err, 'pgd_err': pgd_err, 'certified_err': cert_err, 'examples': total,
             'stats': test}
 

@@ -8,6 +8,7 @@ the local Lipschitz bound. The last Linear layer turns ball and box into worst-c
 (``last_layer.py``: the BCP translation, iterative or exact).
 """
 import contextlib
+import hashlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -632,9 +633,10 @@ def _masked(settings):
 
 
 def _checked(settings):
+    """``settings`` with a seed (``BoundSettings.seeded``: a secret one drawn now when it has none)."""
     if not isinstance(settings, BoundSettings):
         raise TypeError(f'expected a settings.BoundSettings, not {type(settings).__name__}')
-    return settings
+    return settings.seeded()
 
 
 # ----------------------------------------------------------------------------- per-example store
@@ -736,10 +738,20 @@ def example_normals(shapes, index, seed):
     flat = torch.empty(len(index), sum(sizes))
     generator = torch.Generator()
     for row, i in zip(flat, torch.as_tensor(index).tolist()):
-        generator.manual_seed((seed % 2**32) * 2**32 + i)
+        generator.manual_seed(example_seed(seed, i))
         row.normal_(generator=generator)
     return {layer: part.reshape(-1, *shape)
             for (layer, shape), part in zip(shapes.items(), flat.split(sizes, dim=1))}
+
+
+def example_seed(seed, i):
+    """The generator seed of example ``i`` under ``seed``: ``seed * 2**32 + i`` for a seed below
+    2**32 (the layout every recorded run used), else a 64-bit hash of both, so that every bit of a
+    secret 63-bit seed counts."""
+    if seed < 2**32:
+        return (seed % 2**32) * 2**32 + i
+    digest = hashlib.blake2b(f'{seed}:{i}'.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'little')
 
 
 def _store_tensors(shapes, rows, seed, dtype, device, pin_memory):
@@ -807,7 +819,7 @@ def guaranteed_global_norms(model, input_shape, settings):
     """{affine layer index: upper bound of its plain spectral norm} for every conv/linear layer but
     the last (``guaranteed.global_norm_bound``, exact where the matrix is small)."""
     check_boundable(model)
-    return _global_norm_bounds(model, input_shape, settings)
+    return _global_norm_bounds(model, input_shape, _checked(settings))
 
 
 def _global_norm_bounds(model, input_shape, settings):
@@ -1133,7 +1145,8 @@ def bound_outputs(model, x, y, eps, settings=CERTIFIED, *, store=None, index=Non
 
     ``store``/``index``: per-example start vectors of the estimate methods (read, then written
     back). Guaranteed norms never read a store: they start from fresh vectors seeded by
-    ``settings.seed`` and the example ``index`` (or the row when index is None).
+    ``settings.seed`` (None: a secret seed drawn for this call) and the example ``index`` (or the
+    row when index is None).
     NaN entries of the translation are set to 0 in the worst-case logits (the authors' rule, for the
     training loss); ``finite`` records them, and ``certified_predictions`` never certifies them.
     """

@@ -24,7 +24,7 @@ import spectral
 import utils
 from checkpoints import CheckpointError, NonFiniteError, atomic_save, load_model, load_state, load_weights
 from evaluation import (USER_ERRORS, bound_settings, evaluate_all, evaluate_certified, evaluate_clean,
-                        reported_settings)
+                        reported_settings, share_certification_seed)
 from loaders import build_loaders, set_loader_epoch
 from metrics import MetricsCSV, metrics_row
 from ranks import close_runtime, init_runtime, progress
@@ -375,6 +375,7 @@ def main(parse, train_set=None, test_set=None):
             os.makedirs(os.path.dirname(args.prefix) or '.', exist_ok=True)
             utils.dump_args(args, args.prefix + '_args.json')
             logger.info(f'writing {args.prefix}_{{train.log,metrics.csv,checkpoint.pth,best.pth}}')
+        share_certification_seed(args, runtime)
         return train(args, runtime, logger, train_set, test_set)
     except USER_ERRORS as error:
         utils.exit_user_error(error)
