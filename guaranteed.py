@@ -233,6 +233,36 @@ class KrylovRun:
         return estimate, upper
 
 
+# A Krylov upper bound below FLOOR_CHECK_RTOL under the start-free lower bound of its norm
+# (``masked_norm_floor``) missed the top direction: it is replaced by inf (float32 sums of squares
+# are accurate to about 1e-6, far inside this tolerance).
+FLOOR_CHECK_RTOL = 1e-3
+
+
+@torch.no_grad()
+def masked_norm_floor(op, in_mask, out_mask, batch):
+    """Per sample, a lower bound of ``||D_out W D_in||_2`` [batch] (float64) that no start vector
+    enters: the largest L2 norm of a masked row or column, ``max_j ||M^T e_j||`` and
+    ``max_i ||M e_i||``, from one product of the masks with the squared weight each way."""
+    squared, scale = scaled_operator(op, torch.float32)
+    squared.layer.weight.mul_(squared.layer.weight)
+    mask = lambda m, shape: (torch.ones(batch, *shape, device=squared.layer.weight.device) if m is None  # noqa: E731
+                             else m.detach().reshape(batch, *shape).float())
+    inputs, outputs = mask(in_mask, op.in_shape), mask(out_mask, op.out_shape)
+    rows = (squared.linear(inputs) * outputs).flatten(1).amax(1)
+    columns = (squared.adjoint(outputs) * inputs).flatten(1).amax(1)
+    return torch.maximum(rows, columns).double().clamp(min=0).sqrt() * scale
+
+
+def checked_bounds(estimate, upper, floor):
+    """(estimate, upper) where the upper bound is at least the start-free lower bound ``floor`` (up
+    to ``FLOOR_CHECK_RTOL``), else (inf, inf): a start that missed the top direction certifies
+    nothing, and the sample is decided at once (more steps from that start would not find it)."""
+    missed = upper < floor.to(upper) * (1 - FLOOR_CHECK_RTOL)
+    infinite = torch.full_like(upper, math.inf)
+    return torch.where(missed, infinite, estimate), torch.where(missed, infinite, upper)
+
+
 def _unit(t, norm=None):
     """Rows of ``t`` scaled to unit length (a zero row stays zero)."""
     norm = t.norm(dim=1) if norm is None else norm
@@ -262,7 +292,7 @@ def global_norm_bound(op, steps, delta, seed):
     """An upper bound of ``||W||_2`` (a float): exact for a matrix of at most
     ``EXPLICIT_GLOBAL_LIMIT`` entries, else Lanczos (float32 products, the margins of the module
     docstring) from a seeded uniform start for ``steps`` steps (fails with probability at most
-    ``delta``). Remembered per layer for as long as
+    ``delta``), refused (inf) below the start-free lower bound ``masked_norm_floor``. Remembered per layer for as long as
     the weight stays equal (compared entry by entry, so no change of weights can go unseen)."""
     weight = op.layer.weight.detach()
     key = (tuple(op.in_shape), steps, delta, seed)
@@ -277,6 +307,6 @@ def global_norm_bound(op, steps, delta, seed):
         start = torch.randn(1, *op.in_shape, generator=generator).to(weight.device)
         run = KrylovRun(op, None, None, start, dtype=torch.float32)
         run.advance(steps)
-        value = float(run.bounds(delta)[1][0])
+        value = float(checked_bounds(*run.bounds(delta), masked_norm_floor(op, None, None, 1))[1][0])
     _memo[op.layer] = (weight.clone(), key, value)
     return value

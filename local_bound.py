@@ -847,11 +847,12 @@ def fresh_starts(shapes, batch, index, seed, device):
 class _GuaranteedNorms:
     """The per-sample norms of the recorded layers (``add``) for the samples still undecided: exact
     ones (small layers) and Krylov runs advanced together to each check; ``cap`` (a layer's
-    guaranteed global norm, for the refined bound) also bounds its estimate and upper bound."""
+    guaranteed global norm) also bounds its estimate and upper bound. A Krylov bound below the
+    start-free lower bound ``guaranteed.masked_norm_floor`` missed the top direction: inf."""
 
     def __init__(self, starts, settings, batch):
         self.starts, self.settings = starts, settings
-        self.exact, self.runs, self.caps, self.order = {}, {}, {}, []
+        self.exact, self.runs, self.caps, self.order, self.floors = {}, {}, {}, [], {}
         self.rows = torch.arange(batch)
 
     def add(self, rec, cap=None):
@@ -861,6 +862,7 @@ class _GuaranteedNorms:
         else:
             self.runs[rec.index] = guaranteed.KrylovRun(rec.op, rec.in_mask, rec.out_mask, self.starts[rec.index],
                                                         dtype=torch.float32)
+            self.floors[rec.index] = guaranteed.masked_norm_floor(rec.op, rec.in_mask, rec.out_mask, batch)
         if cap is not None:
             self.caps[rec.index] = cap
         self.order.append(rec.index)
@@ -878,7 +880,8 @@ class _GuaranteedNorms:
         else:
             run = self.runs[i]
             run.advance(steps - run.steps)
-            estimate, upper = run.bounds(delta)
+            floor = self.floors[i][self.rows.to(self.floors[i].device)]
+            estimate, upper = guaranteed.checked_bounds(*run.bounds(delta), floor)
         cap = self.caps.get(i)
         if cap is not None:
             estimate, upper = estimate.clamp(max=cap), upper.clamp(max=cap)
