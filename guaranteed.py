@@ -27,7 +27,6 @@ what the margins stand for: the theorem itself is one of exact arithmetic.
 """
 import copy
 import math
-import weakref
 
 import torch
 
@@ -146,7 +145,7 @@ def scaled_operator(op, dtype):
     entry of 1, that scale as a float64 number)."""
     with torch.no_grad():
         scale = float(op.layer.weight.detach().double().abs().max())
-        layer = copy.deepcopy(op.layer).to(dtype)
+        layer = copy.deepcopy(op.layer, {id(op.layer.__dict__.get(MEMO)): None}).to(dtype)   # not the memo
         if scale > 0 and math.isfinite(scale):
             layer.weight.div_(scale)
         layer.requires_grad_(False)
@@ -284,7 +283,20 @@ def explicit_size(op):
     return math.prod(op.in_shape) * math.prod(op.out_shape)
 
 
-_memo = weakref.WeakKeyDictionary()    # layer -> (weight copy, key, norm): recomputed when the weight differs
+# The attribute of a layer that remembers its last global norm: (key, weight copy, bound). It lives
+# with the layer (no module state), and is reused only when every input of the computation is equal.
+MEMO = '_guaranteed_global_norm'
+# The layer attributes an operator computes with besides its weight (those the layer has).
+LAYER_CONFIG = ('in_features', 'out_features', 'in_channels', 'out_channels', 'kernel_size', 'stride',
+                'padding', 'dilation', 'groups', 'padding_mode', 'transposed', 'output_padding')
+
+
+def operator_key(op):
+    """Everything but the weight's values that ``op``'s matrix depends on: operator and layer
+    types, input shape, the layer's configuration (``LAYER_CONFIG``), weight shape, dtype, device."""
+    layer, weight = op.layer, op.layer.weight
+    config = tuple((name, getattr(layer, name)) for name in LAYER_CONFIG if hasattr(layer, name))
+    return (type(op), type(layer), tuple(op.in_shape), config, tuple(weight.shape), weight.dtype, weight.device)
 
 
 @torch.no_grad()
@@ -292,15 +304,18 @@ def global_norm_bound(op, steps, delta, seed):
     """An upper bound of ``||W||_2`` (a float): exact for a matrix of at most
     ``EXPLICIT_GLOBAL_LIMIT`` entries, else Lanczos (float32 products, the margins of the module
     docstring) from a seeded uniform start for ``steps`` steps (fails with probability at most
-    ``delta``), refused (inf) below the start-free lower bound ``masked_norm_floor``. Remembered per layer for as long as
-    the weight stays equal (compared entry by entry, so no change of weights can go unseen)."""
+    ``delta``), refused (inf) below the start-free lower bound ``masked_norm_floor``.
+
+    Remembered on the layer (attribute ``MEMO``) and reused only while the weight is equal entry by
+    entry and ``operator_key`` (stride, padding, ..., input shape, dtype, device) is too, with, for
+    Lanczos, the same steps, delta and seed."""
     weight = op.layer.weight.detach()
-    key = (tuple(op.in_shape), steps, delta, seed)
-    hit = _memo.get(op.layer)
-    if (hit is not None and hit[1] == key and hit[0].shape == weight.shape and hit[0].dtype == weight.dtype
-            and hit[0].device == weight.device and torch.equal(hit[0], weight)):
+    exact = explicit_size(op) <= EXPLICIT_GLOBAL_LIMIT
+    key = operator_key(op) + (() if exact else (steps, delta, seed))
+    hit = op.layer.__dict__.get(MEMO)
+    if hit is not None and hit[0] == key and torch.equal(hit[1], weight):
         return hit[2]
-    if explicit_size(op) <= EXPLICIT_GLOBAL_LIMIT:
+    if exact:
         value = float(explicit_norm_bounds(op, None, None, 1)[0])
     else:
         generator = torch.Generator().manual_seed(seed)
@@ -308,5 +323,6 @@ def global_norm_bound(op, steps, delta, seed):
         run = KrylovRun(op, None, None, start, dtype=torch.float32)
         run.advance(steps)
         value = float(checked_bounds(*run.bounds(delta), masked_norm_floor(op, None, None, 1))[1][0])
-    _memo[op.layer] = (weight.clone(), key, value)
+    op.layer.__dict__[MEMO] = (key, weight.clone(), value)
     return value
+
