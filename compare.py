@@ -179,8 +179,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.locallip and not args.lolip:
         p.error('give at least one --locallip NAME:PATH or --lolip PATH')
-    if not args.eps > 0:
-        p.error('--eps must be positive')
+    if not 0 < args.eps <= local_bound.MAX_EPS:
+        p.error(f'--eps must be in (0, {local_bound.MAX_EPS:g}] (an L2 radius on inputs in [0, 1]), not {args.eps}')
     if not 0 < args.failure_prob < 1:
         p.error('--failure_prob must lie in (0, 1)')
     if args.cert_seed is not None and not 0 <= args.cert_seed < settings.SEED_LIMIT:
@@ -202,7 +202,7 @@ def main(argv=None):
             label, model, arch = load_lolip(path, args.data, args.device)
             rows.append({'model': label, 'family': 'lolip (empirical)', 'note': NO_CERTIFICATE[arch[:3]],
                          **evaluate(model, batches, args.eps, args, certifiable=False)})
-    except (CompareError, checkpoints.CheckpointError, data_load.DataNotFoundError) as error:
+    except (CompareError, checkpoints.CheckpointError, data_load.DataNotFoundError, local_bound.BoundError) as error:
         utils.exit_user_error(error)
     text = write_outputs(rows, args, sum(len(y) for _, y, _ in batches))
     print(text + f'written: {args.out}.md, {args.out}.csv')
