@@ -119,6 +119,10 @@ def run_radius(model, loader, args, runtime, logger, starts=None):
     logger.info(f"certified radius of {summary['examples']} examples (eps <= {eps_max:g}, tolerance "
                 f"{summary['tol']:g}, {summary['steps']} bisection steps) -> {path}; "
                 f"{summary['non_monotone']} not monotone, {summary['capped']} certified up to the maximum")
+    if summary.get('failure_prob') is not None:
+        logger.info(f"each radius fails with probability at most {summary['failure_prob']:g} (at most "
+                    f"{summary['calls']} certifications per example, {summary['failure_prob'] / summary['calls']:.3g} "
+                    'each)')
     logger.info('certified accuracy at ' + ', '.join(f'{t:.4f}: {a:.4f}' for t, a in accuracy.items()))
     return {**summary, 'accuracy': accuracy, 'path': path}
 
