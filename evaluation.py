@@ -10,11 +10,12 @@ import torch.nn.functional as F
 
 import attacks
 import data_load
+import guaranteed
 import local_bound
 from checkpoints import CheckpointError, checkpoint_path, load_model
 from loaders import limited, test_loader_for
 from ranks import progress
-from settings import CERTIFIED, BoundSettings
+from settings import BoundSettings
 from utils import UsageError
 
 
@@ -94,7 +95,8 @@ class TestStats:
     examples: int
     lipschitz: torch.Tensor      # per-example local Lipschitz products (CPU; with --bound global
                                  # computed for the logs, the certificates used the global one)
-    global_lipschitz: float      # product of guaranteed upper bounds of the plain spectral norms (nan: no batch)
+    global_lipschitz: float      # product of the global norms, of the kind of the local products
+                                 # (``logged_global_product``; nan: no batch)
     varying: dict                # {activation layer index: mean fraction of varying neurons}
     certified_index: torch.Tensor = None   # dataset indices of the certified examples (all ranks)
     failure_prob: float = None   # guaranteed settings: each certificate fails with at most this
@@ -135,9 +137,8 @@ def evaluate_certified(model, loader, args, runtime, eps, store=None):
         for layer, fraction in getattr(out, 'varying', {}).items():
             varying[layer] = varying.get(layer, 0.0) + float(fraction.sum())
     layers = sorted(varying)
-    # an upper bound (guaranteed global norms), so that local <= global holds in the log; computed
-    # once, on the main process, and only when a batch gave the input shape
-    global_product = (local_bound.global_product(model, input_shape, global_norm_settings(args))
+    # computed once, on the main process, and only when a batch gave the input shape
+    global_product = (logged_global_product(model, input_shape, bound_settings(args, training=False))
                       if runtime.is_main and input_shape is not None else 0.0)
     wrong, uncertified, loss, total, global_product, *sums = runtime.sum(
         [wrong, uncertified, loss, total, global_product] + [varying[k] for k in layers])
@@ -151,12 +152,23 @@ def evaluate_certified(model, loader, args, runtime, eps, store=None):
                      failure_prob, global_norms)
 
 
-def global_norm_settings(args):
-    """Settings of the logged global product: the certificates' own when they are guaranteed (their
-    global norms are then remembered, not computed twice), else 128 guaranteed steps (an upper
-    bound within about 1% per layer, cheap enough for every epoch's test pass)."""
-    settings = bound_settings(args, training=False)
-    return settings if settings.guaranteed else CERTIFIED.replace(seed=args.seed, global_steps=128)
+# Lanczos steps of the logged global estimates (each within about 1% of its norm, cheap enough for
+# every epoch's test pass)
+GLOBAL_ESTIMATE_STEPS = 128
+
+
+def logged_global_product(model, input_shape, settings):
+    """The global product logged beside the local products, of their kind: with guaranteed
+    ``settings`` the pass's own upper bounds (remembered, not recomputed; the local norms are capped
+    by them, so local <= global), with estimates estimates from below (``guaranteed.global_norm_estimate``:
+    exact for small layers, else ``GLOBAL_ESTIMATE_STEPS`` Lanczos steps seeded by ``settings.seed``;
+    no warm vector moves, so training runs as it would without the log)."""
+    if settings.guaranteed:
+        return local_bound.global_product(model, input_shape, settings)
+    layers = list(model)
+    return math.prod(guaranteed.global_norm_estimate(local_bound.make_operator(layers[i], shape),
+                                                     GLOBAL_ESTIMATE_STEPS, settings.seed + 7919 * (i + 1))
+                     for i, shape in local_bound.affine_input_shapes(model, input_shape).items())
 
 
 def evaluate_pgd(model, loader, args, runtime):

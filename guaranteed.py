@@ -318,11 +318,28 @@ def global_norm_bound(op, steps, delta, seed):
     if exact:
         value = float(explicit_norm_bounds(op, None, None, 1)[0])
     else:
-        generator = torch.Generator().manual_seed(seed)
-        start = torch.randn(1, *op.in_shape, generator=generator).to(weight.device)
-        run = KrylovRun(op, None, None, start, dtype=torch.float32)
-        run.advance(steps)
+        run = _global_run(op, steps, seed)
         value = float(checked_bounds(*run.bounds(delta), masked_norm_floor(op, None, None, 1))[1][0])
     op.layer.__dict__[MEMO] = (key, weight.clone(), value)
     return value
 
+
+@torch.no_grad()
+def global_norm_estimate(op, steps, seed):
+    """An estimate of ``||W||_2`` from below (a float), the counterpart of ``global_norm_bound``:
+    the float64 SVD of a matrix of at most ``EXPLICIT_GLOBAL_LIMIT`` entries, else the top Ritz
+    value of ``steps`` Lanczos steps from the same seeded start (no warm vector moves, the global
+    random state is not read)."""
+    if explicit_size(op) <= EXPLICIT_GLOBAL_LIMIT:
+        op64, scale = scaled_operator(op, torch.float64)
+        return float(spectral.explicit_masked_norms(op64, None, None, 1)[0]) * scale
+    return float(_global_run(op, steps, seed).bounds(0.5)[0][0])
+
+
+def _global_run(op, steps, seed):
+    """A KrylovRun of ``steps`` steps on ``op``'s plain matrix from the start seeded by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn(1, *op.in_shape, generator=generator).to(op.layer.weight.device)
+    run = KrylovRun(op, None, None, start, dtype=torch.float32)
+    run.advance(steps)
+    return run

@@ -1173,6 +1173,12 @@ def _rows_of(state, rows):
     return BoundState(state.centre[rows], state.radius[rows], state.lower[rows], state.upper[rows])
 
 
+def _rounded_up(sigma):
+    """A float at least the number that the tensor ``sigma`` holds rounded to its dtype (the next
+    representable value above it): a float32 global norm is a float64 upper bound rounded to nearest."""
+    return float(torch.nextafter(sigma.detach(), sigma.new_tensor(math.inf)))
+
+
 def guaranteed_local_product(state, last, logits, y, eps, settings, index=None):
     """Guaranteed per-sample products and label columns, decided check by check.
 
@@ -1191,7 +1197,7 @@ def guaranteed_local_product(state, last, logits, y, eps, settings, index=None):
     shapes = {rec.index: rec.op.in_shape for rec in state.records}
     runs = _GuaranteedNorms(fresh_starts(shapes, batch, index, settings.seed, device), settings, batch)
     for rec in state.records:
-        runs.add(rec)
+        runs.add(rec, cap=_rounded_up(rec.global_sigma))     # a masked norm is at most the plain one
     remaining = torch.arange(batch, device=device)
     for k, steps in enumerate(checks):
         if not remaining.numel():

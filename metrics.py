@@ -7,7 +7,9 @@ class MetricsCSV:
     """``<prefix>_metrics.csv``: one row per finished epoch (``plots.py`` reads it).
 
     Columns: ``METRIC_COLUMNS`` (``bound``: the bound of the run, local or refined, whose products
-    the ``lip_local_*`` columns hold; with --bound global they hold the local one), then ``varying_<i>`` (mean fraction of varying neurons at
+    the ``lip_local_*`` columns hold; with --bound global they hold the local one; ``lip_global`` the
+    product of the global norms of the same kind, upper bounds or estimates as they are:
+    ``evaluation.logged_global_product``), then ``varying_<i>`` (mean fraction of varying neurons at
     activation layer i on the test pass) for every activation layer, then ``time`` (seconds).
     Bound columns stay empty in warm-up epochs. Opening it for a run that starts at epoch k keeps
     the rows of epochs before k and drops later ones, so ``--resume`` never duplicates a row.

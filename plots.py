@@ -195,7 +195,8 @@ def _with_bound(name, table):
 
 
 def tightness_figure(runs):
-    """Local / global bound: median over the test pass per epoch (left), per test example (right)."""
+    """Local / global bound: median over the test pass per epoch (left), per test example (right);
+    each ratio is of two bounds of one kind (both guaranteed upper bounds, or both estimates)."""
     fig, (over_time, spread) = plt.subplots(1, 2, figsize=(11, 4.2))
     trained = [r for r in _with(runs, 'metrics', 'lip_local_median') if 'lip_global' in r.metrics]
     for run in trained:
