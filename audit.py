@@ -243,7 +243,9 @@ def main(argv=None):
     runtime = ranks.init_runtime(args.device)
     logger = utils.get_logger()
     try:
+        evaluation.share_certification_seed(args, runtime)
         model, loader, starts = evaluation.load_for_evaluation(args, runtime, logger)
+        logger.info(evaluation.certificates_line(args))
         logger.info(f'attacks at eps {args.epsilon:.4f}: PGD {args.niter} steps x {args.restarts} restarts'
                     + (f', targeted PGD {args.niter} steps towards every class' if args.targeted else '')
                     + f', {args.samples} random points')

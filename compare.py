@@ -26,6 +26,7 @@ import data_load
 import empirical
 import loaders
 import local_bound
+import settings
 import utils
 from lolip.archs import build_model
 from lolip.grammar import GrammarError, parse_model
@@ -80,7 +81,7 @@ def test_batches(data, data_dir, limit, batch_size):
 def certification_settings(args):
     """The certificates' settings: guaranteed norms unless ``--spectral`` asks for an estimate."""
     if args.spectral == 'guaranteed':
-        return CERTIFIED.replace(sniter=args.sniter, failure_prob=args.failure_prob, seed=args.seed,
+        return CERTIFIED.replace(sniter=args.sniter, failure_prob=args.failure_prob, seed=args.cert_seed,
                                  bound=args.bound)
     return BoundSettings(method=args.spectral, sniter=args.sniter, opt_iter=args.opt_iter, bound=args.bound,
                          translation='exact' if args.spectral == 'lanczos' else 'iterative')
@@ -170,7 +171,10 @@ def parser():
     p.add_argument('--failure_prob', type=float, default=1e-9, help='guaranteed: failure probability per certificate')
     p.add_argument('--sniter', type=int, default=2000, help='most iterations per norm of the bound')
     p.add_argument('--opt_iter', type=int, default=1000, help='iterations of the last-layer step (power)')
-    p.add_argument('--seed', type=int, default=0, help='seed of the random start vectors and attacks')
+    p.add_argument('--seed', type=int, default=0, help='seed of the PGD starts')
+    p.add_argument('--cert_seed', type=int, default=None,
+                   help='seed of the guaranteed norms\' start vectors (default: a secret seed drawn from the OS, '
+                        'printed; pass it to repeat a run)')
     p.add_argument('--device', default=utils.default_device(), help='cuda when available, else cpu')
     p.add_argument('--out', default='compare', help='writes OUT.md and OUT.csv')
     return p
@@ -181,10 +185,18 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.locallip and not args.lolip:
         p.error('give at least one --locallip NAME:PATH or --lolip PATH')
-    if not args.eps > 0:
-        p.error('--eps must be positive')
+    if not 0 < args.eps <= local_bound.MAX_EPS:
+        p.error(f'--eps must be in (0, {local_bound.MAX_EPS:g}] (an L2 radius on inputs in [0, 1]), not {args.eps}')
     if not 0 < args.failure_prob < 1:
         p.error('--failure_prob must lie in (0, 1)')
+    if args.cert_seed is not None and not 0 <= args.cert_seed < settings.SEED_LIMIT:
+        p.error(f'--cert_seed must be in [0, 2**63), not {args.cert_seed}')
+    drawn = args.cert_seed is None
+    if drawn:
+        args.cert_seed = settings.secret_seed()
+    if args.locallip:
+        print(f'certificates: {certification_settings(args).describe()}'
+              + (f' (drawn from the OS; --cert_seed {args.cert_seed} repeats this run)' if drawn else ''))
     try:
         batches = test_batches(args.data, args.data_dir, args.limit_test, args.batch_size)
         rows = []
@@ -196,7 +208,7 @@ def main(argv=None):
             label, model, arch = load_lolip(path, args.data, args.device)
             rows.append({'model': label, 'family': 'lolip (empirical)', 'note': NO_CERTIFICATE[arch[:3]],
                          **evaluate(model, batches, args.eps, args, certifiable=False)})
-    except (CompareError, checkpoints.CheckpointError, data_load.DataNotFoundError) as error:
+    except (CompareError, checkpoints.CheckpointError, data_load.DataNotFoundError, local_bound.BoundError) as error:
         utils.exit_user_error(error)
     text = write_outputs(rows, args, sum(len(y) for _, y, _ in batches))
     print(text + f'written: {args.out}.md, {args.out}.csv')

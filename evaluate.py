@@ -56,13 +56,14 @@ def main(argv=None, parse=parse_args):
     runtime = ranks.init_runtime(args.device)
     logger = utils.get_logger(quiet=not runtime.is_main)
     try:
+        evaluation.share_certification_seed(args, runtime)
         model, loader, starts = evaluation.load_for_evaluation(args, runtime, logger)
         if args.no_pgd:
             stats = evaluation.evaluate_certified(model, loader, args, runtime, args.epsilon, starts)
             logger.info(f'{stats.examples} test examples at eps {args.epsilon:.4f}: clean error '
                         f'{stats.clean_err:.4f} | certified error {stats.certified_err:.4f} '
                         f'(acc {1 - stats.certified_err:.4f})')
-            logger.info('certificates: ' + evaluation.bound_settings(args, training=False).describe())
+            logger.info(evaluation.certificates_line(args))
             result = {'clean_err': stats.clean_err, 'certified_err': stats.certified_err,
                       'examples': stats.examples, 'stats': stats}
         else:
@@ -130,6 +131,10 @@ def run_radius(model, loader, args, runtime, logger, starts=None):
     logger.info(f"certified radius of {summary['examples']} examples (eps <= {eps_max:g}, tolerance "
                 f"{summary['tol']:g}, {summary['steps']} bisection steps) -> {path}; "
                 f"{summary['non_monotone']} not monotone, {summary['capped']} certified up to the maximum")
+    if summary.get('failure_prob') is not None:
+        logger.info(f"each radius fails with probability at most {summary['failure_prob']:g} (at most "
+                    f"{summary['calls']} certifications per example, {summary['failure_prob'] / summary['calls']:.3g} "
+                    'each)')
     logger.info('certified accuracy at ' + ', '.join(f'{t:.4f}: {a:.4f}' for t, a in accuracy.items()))
     return {**summary, 'accuracy': accuracy, 'path': path}
 

@@ -10,18 +10,20 @@ import torch.nn.functional as F
 
 import attacks
 import data_load
+import guaranteed
 import local_bound
 from checkpoints import CheckpointError, checkpoint_path, load_model
 from loaders import limited, test_loader_for
 from ranks import progress
-from settings import CERTIFIED, LANCZOS, BoundSettings
+from settings import LANCZOS, BoundSettings
 from utils import UsageError
 
 
 def bound_settings(args, training):
     """The ``BoundSettings`` of the flags for training (the authors' warm power iteration and
     clip-and-rescale, with the sparsity term when ``--sparse``) or test time (``--spectral``,
-    ``--translation``, ``--test_sniter``, ``--test_opt_iter``, ``--failure_prob``, seeded by ``--seed``)."""
+    ``--translation``, ``--test_sniter``, ``--test_opt_iter``, ``--failure_prob``; the guaranteed
+    norms seeded by ``--cert_seed`` for reported certificates, by ``--seed`` in the per-epoch pass)."""
     method = 'power' if training else getattr(args, 'spectral', 'power')
     return BoundSettings(
         method=method, sniter=args.sniter if training else args.test_sniter,
@@ -29,7 +31,27 @@ def bound_settings(args, training):
         translation='iterative' if training else test_translation(args, method),
         sp_thres=getattr(args, 'sp_thres', None) if training and getattr(args, 'sparse', 0) else None,
         power_grad=getattr(args, 'power_grad', 'unrolled') if method == 'power' else 'unrolled',
-        failure_prob=getattr(args, 'failure_prob', 1e-9), seed=args.seed)
+        failure_prob=getattr(args, 'failure_prob', 1e-9), seed=certification_seed(args))
+
+
+def certification_seed(args):
+    """The seed of the guaranteed norms for the flags: ``--cert_seed`` where the certificates are
+    reported (``args.reporting``, set by ``utils.argparser`` and ``reported_settings``), else ``--seed``."""
+    return args.cert_seed if getattr(args, 'reporting', False) else args.seed
+
+
+def certificates_line(args):
+    """The log line saying how the certificates of the flags are computed, with the seed to repeat them."""
+    settings = bound_settings(args, training=False)
+    line = 'certificates: ' + settings.describe()
+    if settings.guaranteed and getattr(args, 'reporting', False) and getattr(args, 'cert_seed_drawn', False):
+        line += f' (drawn from the OS; --cert_seed {args.cert_seed} repeats this run)'
+    return line
+
+
+def share_certification_seed(args, runtime):
+    """Every process certifies with the main process's ``--cert_seed`` (each drew its own)."""
+    args.cert_seed = runtime.shared(args.cert_seed)
 
 
 def test_translation(args, method):
@@ -49,8 +71,10 @@ EVALUATION_DEFAULTS = dict(spectral='guaranteed', translation='exact', test_snit
 def reported_settings(args):
     """``args`` for a certificate meant to be reported: the evaluation defaults (guaranteed norms)
     with at least 2000 steps. The per-epoch test pass keeps ``--spectral``, ``--test_sniter`` and
-    its warm per-example store: its figures track training (they are the method's)."""
+    its warm per-example store: its figures track training (they are the method's). Their
+    guaranteed norms start from ``--cert_seed`` (``certification_seed``)."""
     settings = argparse.Namespace(**vars(args))
+    settings.reporting = True
     settings.spectral, settings.translation = EVALUATION_DEFAULTS['spectral'], EVALUATION_DEFAULTS['translation']
     settings.test_sniter = max(args.test_sniter, EVALUATION_DEFAULTS['test_sniter'])
     return settings
@@ -78,7 +102,8 @@ class TestStats:
     examples: int
     lipschitz: torch.Tensor      # per-example local Lipschitz products (CPU; with --bound global
                                  # computed for the logs, the certificates used the global one)
-    global_lipschitz: float      # product of guaranteed upper bounds of the plain spectral norms (nan: no batch)
+    global_lipschitz: float      # product of the global norms, of the kind of the local products
+                                 # (``logged_global_product``; nan: no batch)
     varying: dict                # {activation layer index: mean fraction of varying neurons}
     certified_index: torch.Tensor = None   # dataset indices of the certified examples (all ranks)
     failure_prob: float = None   # guaranteed settings: each certificate fails with at most this
@@ -119,9 +144,8 @@ def evaluate_certified(model, loader, args, runtime, eps, store=None):
         for layer, fraction in getattr(out, 'varying', {}).items():
             varying[layer] = varying.get(layer, 0.0) + float(fraction.sum())
     layers = sorted(varying)
-    # an upper bound (guaranteed global norms), so that local <= global holds in the log; computed
-    # once, on the main process, and only when a batch gave the input shape
-    global_product = (local_bound.global_product(model, input_shape, global_norm_settings(args))
+    # computed once, on the main process, and only when a batch gave the input shape
+    global_product = (logged_global_product(model, input_shape, bound_settings(args, training=False))
                       if runtime.is_main and input_shape is not None else 0.0)
     wrong, uncertified, loss, total, global_product, *sums = runtime.sum(
         [wrong, uncertified, loss, total, global_product] + [varying[k] for k in layers])
@@ -155,12 +179,24 @@ def converged_ratios(model, loader, args, runtime, eps, count):
     return torch.cat(local) / math.prod(local_bound.precise_global_norms(model, shape).values())
 
 
-def global_norm_settings(args):
-    """Settings of the logged global product: the certificates' own when they are guaranteed (their
-    global norms are then remembered, not computed twice), else 128 guaranteed steps (an upper
-    bound within about 1% per layer, cheap enough for every epoch's test pass)."""
-    settings = bound_settings(args, training=False)
-    return settings if settings.guaranteed else CERTIFIED.replace(seed=args.seed, global_steps=128)
+
+# Lanczos steps of the logged global estimates (each within about 1% of its norm, cheap enough for
+# every epoch's test pass)
+GLOBAL_ESTIMATE_STEPS = 128
+
+
+def logged_global_product(model, input_shape, settings):
+    """The global product logged beside the local products, of their kind: with guaranteed
+    ``settings`` the pass's own upper bounds (remembered, not recomputed; the local norms are capped
+    by them, so local <= global), with estimates estimates from below (``guaranteed.global_norm_estimate``:
+    exact for small layers, else ``GLOBAL_ESTIMATE_STEPS`` Lanczos steps seeded by ``settings.seed``;
+    no warm vector moves, so training runs as it would without the log)."""
+    if settings.guaranteed:
+        return local_bound.global_product(model, input_shape, settings)
+    layers = list(model)
+    return math.prod(guaranteed.global_norm_estimate(local_bound.make_operator(layers[i], shape),
+                                                     GLOBAL_ESTIMATE_STEPS, settings.seed + 7919 * (i + 1))
+                     for i, shape in local_bound.affine_input_shapes(model, input_shape).items())
 
 
 def evaluate_pgd(model, loader, args, runtime):
@@ -186,7 +222,7 @@ def evaluate_all(model, loader, args, runtime, logger, store=None):
     logger.info(f'{total} test examples at eps {args.epsilon:.4f}: clean error {clean_err:.4f} '
                 f'(acc {1 - clean_err:.4f}) | PGD error {pgd_err:.4f} (acc {1 - pgd_err:.4f}) | '
                 f'certified error {cert_err:.4f} (acc {1 - cert_err:.4f})')
-    logger.info('certificates: ' + bound_settings(args, training=False).describe())
+    logger.info(certificates_line(args))
     return {'clean_err': clean_err, 'pgd_err': pgd_err, 'certified_err': cert_err, 'examples': total,
             'stats': test}
 

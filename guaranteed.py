@@ -27,7 +27,6 @@ what the margins stand for: the theorem itself is one of exact arithmetic.
 """
 import copy
 import math
-import weakref
 
 import torch
 
@@ -146,7 +145,7 @@ def scaled_operator(op, dtype):
     entry of 1, that scale as a float64 number)."""
     with torch.no_grad():
         scale = float(op.layer.weight.detach().double().abs().max())
-        layer = copy.deepcopy(op.layer).to(dtype)
+        layer = copy.deepcopy(op.layer, {id(op.layer.__dict__.get(MEMO)): None}).to(dtype)   # not the memo
         if scale > 0 and math.isfinite(scale):
             layer.weight.div_(scale)
         layer.requires_grad_(False)
@@ -233,6 +232,36 @@ class KrylovRun:
         return estimate, upper
 
 
+# A Krylov upper bound below FLOOR_CHECK_RTOL under the start-free lower bound of its norm
+# (``masked_norm_floor``) missed the top direction: it is replaced by inf (float32 sums of squares
+# are accurate to about 1e-6, far inside this tolerance).
+FLOOR_CHECK_RTOL = 1e-3
+
+
+@torch.no_grad()
+def masked_norm_floor(op, in_mask, out_mask, batch):
+    """Per sample, a lower bound of ``||D_out W D_in||_2`` [batch] (float64) that no start vector
+    enters: the largest L2 norm of a masked row or column, ``max_j ||M^T e_j||`` and
+    ``max_i ||M e_i||``, from one product of the masks with the squared weight each way."""
+    squared, scale = scaled_operator(op, torch.float32)
+    squared.layer.weight.mul_(squared.layer.weight)
+    mask = lambda m, shape: (torch.ones(batch, *shape, device=squared.layer.weight.device) if m is None  # noqa: E731
+                             else m.detach().reshape(batch, *shape).float())
+    inputs, outputs = mask(in_mask, op.in_shape), mask(out_mask, op.out_shape)
+    rows = (squared.linear(inputs) * outputs).flatten(1).amax(1)
+    columns = (squared.adjoint(outputs) * inputs).flatten(1).amax(1)
+    return torch.maximum(rows, columns).double().clamp(min=0).sqrt() * scale
+
+
+def checked_bounds(estimate, upper, floor):
+    """(estimate, upper) where the upper bound is at least the start-free lower bound ``floor`` (up
+    to ``FLOOR_CHECK_RTOL``), else (inf, inf): a start that missed the top direction certifies
+    nothing, and the sample is decided at once (more steps from that start would not find it)."""
+    missed = upper < floor.to(upper) * (1 - FLOOR_CHECK_RTOL)
+    infinite = torch.full_like(upper, math.inf)
+    return torch.where(missed, infinite, estimate), torch.where(missed, infinite, upper)
+
+
 def _unit(t, norm=None):
     """Rows of ``t`` scaled to unit length (a zero row stays zero)."""
     norm = t.norm(dim=1) if norm is None else norm
@@ -254,7 +283,20 @@ def explicit_size(op):
     return math.prod(op.in_shape) * math.prod(op.out_shape)
 
 
-_memo = weakref.WeakKeyDictionary()    # layer -> (weight copy, key, norm): recomputed when the weight differs
+# The attribute of a layer that remembers its last global norm: (key, weight copy, bound). It lives
+# with the layer (no module state), and is reused only when every input of the computation is equal.
+MEMO = '_guaranteed_global_norm'
+# The layer attributes an operator computes with besides its weight (those the layer has).
+LAYER_CONFIG = ('in_features', 'out_features', 'in_channels', 'out_channels', 'kernel_size', 'stride',
+                'padding', 'dilation', 'groups', 'padding_mode', 'transposed', 'output_padding')
+
+
+def operator_key(op):
+    """Everything but the weight's values that ``op``'s matrix depends on: operator and layer
+    types, input shape, the layer's configuration (``LAYER_CONFIG``), weight shape, dtype, device."""
+    layer, weight = op.layer, op.layer.weight
+    config = tuple((name, getattr(layer, name)) for name in LAYER_CONFIG if hasattr(layer, name))
+    return (type(op), type(layer), tuple(op.in_shape), config, tuple(weight.shape), weight.dtype, weight.device)
 
 
 @torch.no_grad()
@@ -262,21 +304,42 @@ def global_norm_bound(op, steps, delta, seed):
     """An upper bound of ``||W||_2`` (a float): exact for a matrix of at most
     ``EXPLICIT_GLOBAL_LIMIT`` entries, else Lanczos (float32 products, the margins of the module
     docstring) from a seeded uniform start for ``steps`` steps (fails with probability at most
-    ``delta``). Remembered per layer for as long as
-    the weight stays equal (compared entry by entry, so no change of weights can go unseen)."""
+    ``delta``), refused (inf) below the start-free lower bound ``masked_norm_floor``.
+
+    Remembered on the layer (attribute ``MEMO``) and reused only while the weight is equal entry by
+    entry and ``operator_key`` (stride, padding, ..., input shape, dtype, device) is too, with, for
+    Lanczos, the same steps, delta and seed."""
     weight = op.layer.weight.detach()
-    key = (tuple(op.in_shape), steps, delta, seed)
-    hit = _memo.get(op.layer)
-    if (hit is not None and hit[1] == key and hit[0].shape == weight.shape and hit[0].dtype == weight.dtype
-            and hit[0].device == weight.device and torch.equal(hit[0], weight)):
+    exact = explicit_size(op) <= EXPLICIT_GLOBAL_LIMIT
+    key = operator_key(op) + (() if exact else (steps, delta, seed))
+    hit = op.layer.__dict__.get(MEMO)
+    if hit is not None and hit[0] == key and torch.equal(hit[1], weight):
         return hit[2]
-    if explicit_size(op) <= EXPLICIT_GLOBAL_LIMIT:
+    if exact:
         value = float(explicit_norm_bounds(op, None, None, 1)[0])
     else:
-        generator = torch.Generator().manual_seed(seed)
-        start = torch.randn(1, *op.in_shape, generator=generator).to(weight.device)
-        run = KrylovRun(op, None, None, start, dtype=torch.float32)
-        run.advance(steps)
-        value = float(run.bounds(delta)[1][0])
-    _memo[op.layer] = (weight.clone(), key, value)
+        run = _global_run(op, steps, seed)
+        value = float(checked_bounds(*run.bounds(delta), masked_norm_floor(op, None, None, 1))[1][0])
+    op.layer.__dict__[MEMO] = (key, weight.clone(), value)
     return value
+
+
+@torch.no_grad()
+def global_norm_estimate(op, steps, seed):
+    """An estimate of ``||W||_2`` from below (a float), the counterpart of ``global_norm_bound``:
+    the float64 SVD of a matrix of at most ``EXPLICIT_GLOBAL_LIMIT`` entries, else the top Ritz
+    value of ``steps`` Lanczos steps from the same seeded start (no warm vector moves, the global
+    random state is not read)."""
+    if explicit_size(op) <= EXPLICIT_GLOBAL_LIMIT:
+        op64, scale = scaled_operator(op, torch.float64)
+        return float(spectral.explicit_masked_norms(op64, None, None, 1)[0]) * scale
+    return float(_global_run(op, steps, seed).bounds(0.5)[0][0])
+
+
+def _global_run(op, steps, seed):
+    """A KrylovRun of ``steps`` steps on ``op``'s plain matrix from the start seeded by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn(1, *op.in_shape, generator=generator).to(op.layer.weight.device)
+    run = KrylovRun(op, None, None, start, dtype=torch.float32)
+    run.advance(steps)
+    return run

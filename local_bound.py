@@ -9,6 +9,7 @@ the local Lipschitz bound. The last Linear layer turns ball and box into worst-c
 """
 import contextlib
 import copy
+import hashlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -582,10 +583,86 @@ def monotone_rule(act, fixed):
     the neurons whose output is the same for every pre-activation in [lower, upper] (a neuron with
     a NaN or infinite bound is never taken as fixed)."""
     def rule(layer, index, state, options):
+        check_activation(layer, act, fixed, state.centre.shape[1:], f'layer {index} ({type(layer).__name__})',
+                         state.centre)
         finite = torch.isfinite(state.lower) & torch.isfinite(state.upper)
         mask = (~(fixed(layer, state.lower, state.upper) & finite)).to(state.centre.dtype)
         return _activation_step(index, state, lambda t: act(layer, t), mask, options=options, exact=False)
+    rule.act, rule.fixed = act, fixed
     return rule
+
+
+# ----------------------------------------------------------------------------- checks of an activation
+#
+# What the pass assumes of an elementwise activation and can test on points: non-decreasing,
+# 1-Lipschitz, computed by ``act`` exactly as by the module's forward, and constant where ``fixed``
+# says so. Checked at registration (on a default-constructed instance, when the type has one) and
+# at every pass on the actual layer (a few thousand points: cheap, so nothing is remembered).
+# Between the probe points nothing is checked: a rule that is wrong only there is not caught.
+
+# Probe values: dense around 0, then out to +-1e6 (sorted, float64).
+PROBE_VALUES = torch.cat([-torch.logspace(6, 0.5, 32, dtype=torch.float64),
+                          torch.linspace(-3, 3, 193, dtype=torch.float64),
+                          torch.logspace(0.5, 6, 32, dtype=torch.float64)])
+PROBE_ROWS = 4                  # at least this many probe rows: every neuron sees several intervals
+PROBE_RTOL, PROBE_ATOL = 1e-5, 1e-6
+
+
+def probe_intervals(shape, like):
+    """(low, mid, high, low + h) probe tensors [K, *shape] in ``like``'s dtype and device: every
+    neuron gets consecutive probe values as [low, high] (neurons take the intervals in turn, so each
+    channel of a conv layer sees all of them), mid their midpoint, h a small step."""
+    count, intervals = math.prod(shape), len(PROBE_VALUES) - 1
+    rows = max(PROBE_ROWS, -(-intervals // max(count, 1)))
+    which = torch.arange(rows * count) % intervals
+    values = PROBE_VALUES.to(like.device)
+    low, high = values[which.to(like.device)], values[which.to(like.device) + 1]
+    step = 1e-3 * (1 + low.abs())
+    as_probe = lambda t: t.to(like.dtype).view(rows, *shape)  # noqa: E731
+    return as_probe(low), as_probe((low + high) / 2), as_probe(high), as_probe(low + step)
+
+
+def _equal(a, b):
+    """Elementwise: equal up to float rounding (``PROBE_RTOL``, ``PROBE_ATOL``); NaN never is."""
+    return torch.isclose(a, b, rtol=PROBE_RTOL, atol=PROBE_ATOL)
+
+
+def _close(a, b):
+    return bool(_equal(a, b).all())
+
+
+@torch.no_grad()
+def check_activation(layer, act, fixed, shape, where, like):
+    """BoundError (one line naming ``where``) unless, on the probe points of ``probe_intervals``,
+    ``act(layer, t)`` equals ``layer(t)``, is non-decreasing with slope at most 1, and is constant
+    on every probe interval ``fixed(layer, lower, upper)`` declares fixed."""
+    points = dict(zip(('low', 'mid', 'high', 'near'), probe_intervals(tuple(shape), like)))
+    values = {name: act(layer, t.clone()) for name, t in points.items()}
+    if not all(_close(values[name], layer(t.clone())) for name, t in points.items()):
+        raise BoundError(f"{where}: the rule's act(layer, t) differs from the layer's own forward (the pass "
+                         'would bound another function)')
+    for a, b in (('low', 'mid'), ('mid', 'high'), ('low', 'near')):
+        rise, step = values[b] - values[a], points[b] - points[a]
+        slack = PROBE_ATOL + PROBE_RTOL * (values[a].abs() + values[b].abs())
+        if not (rise >= -slack).all():
+            raise BoundError(f'{where}: the activation decreases between probe points (the pass models '
+                             'non-decreasing activations)')
+        if not (rise <= step * (1 + PROBE_RTOL) + slack).all():
+            raise BoundError(f'{where}: the activation is steeper than slope 1 between probe points (the pass '
+                             'assumes 1-Lipschitz activations)')
+    declared = fixed(layer, points['low'], points['high']).expand_as(points['low'])
+    constant = _equal(values['low'], values['high']) & _equal(values['low'], values['mid'])
+    if (declared & ~constant).any():
+        raise BoundError(f'{where}: fixed(layer, lower, upper) declares neurons fixed on probe intervals where '
+                         'the activation changes')
+
+
+def _default_instance(cls):
+    """``cls()`` when the type can be built without arguments, else None."""
+    try:
+        return cls()
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 def maxmin_rule(layer, index, state, options):
@@ -658,9 +735,28 @@ ACTIVATIONS = {}
 
 
 def register_activation(cls, rule, project=None):
-    """Declare activation module type ``cls``: the one call a new activation needs (README, Extending)."""
+    """Declare activation module type ``cls``: the one call a new activation needs (README, Extending).
+
+    A ``monotone_rule`` is checked here on a default-constructed instance when ``cls()`` builds one
+    whose forward accepts a flat probe (BoundError naming ``cls`` when it fails), and again on every
+    actual layer at every pass (``check_activation``)."""
+    instance = _default_instance(cls) if hasattr(rule, 'act') else None
+    if instance is not None:
+        _check_registration(instance, rule)
     RULES[cls] = rule
     ACTIVATIONS[cls] = Activation(rule, project)
+
+
+def _check_registration(instance, rule):
+    """``check_activation`` on a flat probe of a default instance; a forward that cannot take one
+    (a parameter of another shape) leaves the check to the pass."""
+    where = f'{type(instance).__name__} (registration)'
+    try:
+        check_activation(instance, rule.act, rule.fixed, (1,), where, torch.zeros(()))
+    except BoundError:
+        raise
+    except (RuntimeError, TypeError, ValueError):
+        return
 
 
 def _nonnegative_threshold(layer):
@@ -721,8 +817,10 @@ MAX_EPS = 1e4
 
 def per_sample_eps(eps, x, dtype=None):
     """``eps`` (a number, or one per sample) as a tensor [B] on x's device in ``dtype`` (default
-    x's; guaranteed passes take float64, which holds a Python float exactly); BoundError unless
-    every value is finite, >= 0 and at most ``MAX_EPS``."""
+    x's; guaranteed passes take float64, which holds a Python float exactly); BoundError unless the
+    batch is not empty and every value is finite, >= 0 and at most ``MAX_EPS``."""
+    if x.dim() < 2 or x.size(0) == 0:
+        raise BoundError(f'expected a non-empty batch [B, ...] of inputs, not shape {tuple(x.shape)}')
     values = torch.as_tensor(eps, dtype=dtype or x.dtype, device=x.device)
     if values.dim() == 0:
         values = values.expand(x.size(0))
@@ -738,6 +836,58 @@ def per_sample_eps(eps, x, dtype=None):
     return values
 
 
+def check_labels(y, batch, classes):
+    """Refuse (BoundError, one line) labels that are not one integer class in [0, ``classes``) per sample."""
+    if not torch.is_tensor(y) or y.shape != (batch,) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise BoundError(f'labels must be an integer tensor of shape ({batch},), not '
+                         f'{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}'
+                         + (f' {y.dtype}' if torch.is_tensor(y) else ''))
+    if batch and not ((y >= 0) & (y < classes)).all():
+        bad = int(y[(y < 0) | (y >= classes)][0])
+        raise BoundError(f'label {bad} is out of range: the model has {classes} classes (0 to {classes - 1})')
+
+
+def check_input_shapes(model, input_shape):
+    """Refuse (BoundError, one line naming the layer) an input shape (one sample's) that a layer of
+    the chain cannot take: a Linear needs a flat input of in_features, a Conv2d (C, H, W) with C its
+    in_channels and room for its kernel, a clipped MaxMin an even channel count; a parameter of an
+    activation must broadcast over its input."""
+    shape = tuple(input_shape)
+    for index, layer in enumerate(model):
+        shape = _output_shape(layer, shape, f'layer {index} ({type(layer).__name__})')
+
+
+def _output_shape(layer, shape, where):
+    """The shape ``layer`` makes of one sample of ``shape``; BoundError when it cannot take it."""
+    if isinstance(layer, nn.Linear):
+        if shape != (layer.in_features,):
+            raise BoundError(f'{where} takes a flat input of {layer.in_features} features, not shape {shape} '
+                             '(a Flatten before it?)')
+        return (layer.out_features,)
+    if isinstance(layer, nn.Conv2d):
+        if len(shape) != 3 or shape[0] != layer.in_channels:
+            raise BoundError(f'{where} takes inputs (C, H, W) with C = {layer.in_channels}, not shape {shape}')
+        sizes = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                      zip(shape[1:], layer.padding, layer.dilation, layer.kernel_size, layer.stride))
+        if min(sizes) < 1:
+            raise BoundError(f'{where}: its kernel does not fit an input of shape {shape}')
+        return (layer.out_channels, *sizes)
+    if isinstance(layer, (Flatten, nn.Flatten)):
+        return (math.prod(shape),)
+    if isinstance(layer, ClampGroupSort) and (not shape or shape[0] % 2):
+        raise BoundError(f'{where} pairs the channel halves: it needs an even channel count, not shape {shape}')
+    half = (shape[0] // 2, *shape[1:]) if isinstance(layer, ClampGroupSort) and shape else shape
+    for name, parameter in layer.named_parameters():
+        try:
+            fits = torch.broadcast_shapes((1, *half), parameter.shape) == (1, *half)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise BoundError(f'{where}: parameter {name} of shape {tuple(parameter.shape)} does not broadcast '
+                             f'over its input {shape}')
+    return shape
+
+
 def propagate(model, x, eps, settings=CERTIFIED, global_norms=None, *, starts=None, store_layers=None,
               steps=None):
     """Carry ball and box from the input to the penultimate layer. Returns the final BoundState.
@@ -751,6 +901,7 @@ def propagate(model, x, eps, settings=CERTIFIED, global_norms=None, *, starts=No
     ``store_layers`` a store's layers and ``steps`` the Lanczos steps of every guaranteed norm
     (default ``settings.sniter``)."""
     check_boundable(model)
+    check_input_shapes(model, x.shape[1:])
     settings = _checked(settings)
     if global_norms is None and settings.guaranteed:
         global_norms = _global_norm_bounds(model, x.shape[1:], settings)
@@ -811,9 +962,10 @@ def _masked(settings):
 
 
 def _checked(settings):
+    """``settings`` with a seed (``BoundSettings.seeded``: a secret one drawn now when it has none)."""
     if not isinstance(settings, BoundSettings):
         raise TypeError(f'expected a settings.BoundSettings, not {type(settings).__name__}')
-    return settings
+    return settings.seeded()
 
 
 # ----------------------------------------------------------------------------- per-example store
@@ -915,10 +1067,20 @@ def example_normals(shapes, index, seed):
     flat = torch.empty(len(index), sum(sizes))
     generator = torch.Generator()
     for row, i in zip(flat, torch.as_tensor(index).tolist()):
-        generator.manual_seed((seed % 2**32) * 2**32 + i)
+        generator.manual_seed(example_seed(seed, i))
         row.normal_(generator=generator)
     return {layer: part.reshape(-1, *shape)
             for (layer, shape), part in zip(shapes.items(), flat.split(sizes, dim=1))}
+
+
+def example_seed(seed, i):
+    """The generator seed of example ``i`` under ``seed``: ``seed * 2**32 + i`` for a seed below
+    2**32 (the layout every recorded run used), else a 64-bit hash of both, so that every bit of a
+    secret 63-bit seed counts."""
+    if seed < 2**32:
+        return (seed % 2**32) * 2**32 + i
+    digest = hashlib.blake2b(f'{seed}:{i}'.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'little')
 
 
 def _store_tensors(shapes, rows, seed, dtype, device, pin_memory):
@@ -986,11 +1148,14 @@ def guaranteed_global_norms(model, input_shape, settings):
     """{affine layer index: upper bound of its plain spectral norm} for every conv/linear layer but
     the last (``guaranteed.global_norm_bound``, exact where the matrix is small)."""
     check_boundable(model)
-    return _global_norm_bounds(model, input_shape, settings)
+    return _global_norm_bounds(model, input_shape, _checked(settings))
 
 
 def _global_norm_bounds(model, input_shape, settings):
-    """``guaranteed_global_norms`` of a model ``check_boundable`` accepted."""
+    """``guaranteed_global_norms`` of a model ``check_boundable`` accepted (the first step of every
+    guaranteed pass: a NaN or inf parameter is refused here, where no upper bound exists; estimates
+    of such a model certify nothing)."""
+    check_finite_parameters(model)
     shapes = affine_input_shapes(model, input_shape)
     delta = settings.failure_prob / failure_events(settings, len(shapes))
     layers = list(model)
@@ -1014,11 +1179,12 @@ def fresh_starts(shapes, batch, index, seed, device):
 class _GuaranteedNorms:
     """The per-sample norms of the recorded layers (``add``) for the samples still undecided: exact
     ones (small layers) and Krylov runs advanced together to each check; ``cap`` (a layer's
-    guaranteed global norm, for the refined bound) also bounds its estimate and upper bound."""
+    guaranteed global norm) also bounds its estimate and upper bound. A Krylov bound below the
+    start-free lower bound ``guaranteed.masked_norm_floor`` missed the top direction: inf."""
 
     def __init__(self, starts, settings, batch):
         self.starts, self.settings = starts, settings
-        self.exact, self.runs, self.caps, self.order = {}, {}, {}, []
+        self.exact, self.runs, self.caps, self.order, self.floors = {}, {}, {}, [], {}
         self.rows = torch.arange(batch)
 
     def add(self, rec, cap=None):
@@ -1028,6 +1194,7 @@ class _GuaranteedNorms:
         else:
             self.runs[rec.index] = guaranteed.KrylovRun(rec.op, rec.in_mask, rec.out_mask, self.starts[rec.index],
                                                         dtype=torch.float32)
+            self.floors[rec.index] = guaranteed.masked_norm_floor(rec.op, rec.in_mask, rec.out_mask, batch)
         if cap is not None:
             self.caps[rec.index] = cap
         self.order.append(rec.index)
@@ -1045,7 +1212,8 @@ class _GuaranteedNorms:
         else:
             run = self.runs[i]
             run.advance(steps - run.steps)
-            estimate, upper = run.bounds(delta)
+            floor = self.floors[i][self.rows.to(self.floors[i].device)]
+            estimate, upper = guaranteed.checked_bounds(*run.bounds(delta), floor)
         cap = self.caps.get(i)
         if cap is not None:
             estimate, upper = estimate.clamp(max=cap), upper.clamp(max=cap)
@@ -1197,6 +1365,12 @@ def _rows_of(state, rows):
     return BoundState(state.centre[rows], state.radius[rows], state.lower[rows], state.upper[rows], centre_err=err)
 
 
+def _float_above(sigma):
+    """A float at least the number that the tensor ``sigma`` holds rounded to its dtype (the next
+    representable value above it): a float32 global norm is a float64 upper bound rounded to nearest."""
+    return float(torch.nextafter(sigma.detach(), sigma.new_tensor(math.inf)))
+
+
 def guaranteed_local_product(state, last, y, eps, settings, index=None):
     """Guaranteed per-sample products and label columns, decided check by check.
 
@@ -1218,7 +1392,7 @@ def guaranteed_local_product(state, last, y, eps, settings, index=None):
     shapes = {rec.index: rec.op.in_shape for rec in state.records}
     runs = _GuaranteedNorms(fresh_starts(shapes, batch, index, settings.seed, device), settings, batch)
     for rec in state.records:
-        runs.add(rec)
+        runs.add(rec, cap=_float_above(rec.global_sigma))     # a masked norm is at most the plain one
     remaining = torch.arange(batch, device=device)
     for k, steps in enumerate(checks):
         if not remaining.numel():
@@ -1329,6 +1503,40 @@ def check_boundable(model):
                          'an activation after the logits would void the worst-case translation')
     for index, layer in enumerate(layers[:-1]):
         rule_for(layer, index)
+    check_bare_forwards(model)
+
+
+def _named_layers(model):
+    """('the model', model) and ('layer i (Type)', layer) for every layer of the Sequential."""
+    return [('the model', model)] + [(f'layer {i} ({type(layer).__name__})', layer) for i, layer in enumerate(model)]
+
+
+def check_bare_forwards(model):
+    """Refuse (BoundError, one line) what would make a layer compute other than its bare forward,
+    which is what the rules model: a forward hook or forward pre-hook on the model or a layer, one
+    registered globally for every module, or a forward replaced on an instance."""
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        raise BoundError('a global forward hook is registered (torch.nn.modules.module.register_module_forward_'
+                         '[pre_]hook): the bound pass models the bare layers; remove it to certify')
+    for where, module in _named_layers(model):
+        if module._forward_hooks or module._forward_pre_hooks:
+            raise BoundError(f'{where} has a forward hook or pre-hook: the bound pass models the bare layer; '
+                             'remove it to certify')
+        if 'forward' in vars(module):
+            raise BoundError(f'{where} has its forward replaced on the instance: the bound pass models the '
+                             "layer type's own forward")
+
+
+def check_finite_parameters(model):
+    """Refuse (BoundError, one line naming the layer) a model with a NaN or infinite parameter."""
+    parameters = list(model.parameters())
+    if not parameters or torch.stack([torch.isfinite(p).all() for p in parameters]).all():
+        return
+    for where, layer in _named_layers(model)[1:]:
+        for name, parameter in layer.named_parameters():
+            if not torch.isfinite(parameter).all():
+                raise BoundError(f'{where}: parameter {name} holds NaN or inf values; no bound holds for it')
 
 
 
@@ -1347,7 +1555,7 @@ def check_batch(model, x, y=None):
                          f'pass x.to({param.dtype}).to("{param.device}")')
     shape = tuple(x.shape[1:])
     for index, layer in enumerate(model):
-        shape = _output_shape(layer, index, shape, tuple(x.shape))
+        shape = _batch_output_shape(layer, index, shape, tuple(x.shape))
     if y is not None:
         classes = list(model)[-1].out_features
         if not torch.is_tensor(y) or y.is_floating_point() or y.is_complex() or y.shape != x.shape[:1]:
@@ -1358,7 +1566,7 @@ def check_batch(model, x, y=None):
                              f'{int(y.min())}..{int(y.max())}')
 
 
-def _output_shape(layer, index, shape, batch_shape):
+def _batch_output_shape(layer, index, shape, batch_shape):
     """The per-example output shape of ``layer`` for inputs of ``shape``; BoundError when it does not fit."""
     def refuse(wanted, hint=''):
         raise BoundError(f'x of shape {batch_shape} does not fit the model: layer {index} '
@@ -1425,7 +1633,8 @@ def bound_outputs(model, x, y, eps, settings=CERTIFIED, *, store=None, index=Non
 
     ``store``/``index``: per-example start vectors of the estimate methods (read, then written
     back). Guaranteed norms never read a store: they start from fresh vectors seeded by
-    ``settings.seed`` and the example ``index`` (or the row when index is None).
+    ``settings.seed`` (None: a secret seed drawn for this call) and the example ``index`` (or the
+    row when index is None).
     NaN entries of the translation are set to 0 in the worst-case logits (the authors' rule, for the
     training loss); ``finite`` records them, and ``certified_predictions`` never certifies them.
     """
@@ -1434,6 +1643,7 @@ def bound_outputs(model, x, y, eps, settings=CERTIFIED, *, store=None, index=Non
     eps = per_sample_eps(eps, x, torch.float64 if settings.guaranteed else None)
     last = list(model)[-1]
     certified = None
+    check_labels(y, x.size(0), last.out_features if isinstance(last, nn.Linear) else math.inf)
     if settings.guaranteed:
         product, column, norms, state, certified = _guaranteed_outputs(model, x, y, eps, settings, index)
         logits = float64_copy(last)(state.centre).to(x.dtype)

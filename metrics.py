@@ -7,9 +7,9 @@ class MetricsCSV:
     """``<prefix>_metrics.csv``: one row per finished epoch (``plots.py`` reads it).
 
     Columns: ``METRIC_COLUMNS`` (``bound``: the bound of the run, local or refined, whose products
-    the ``lip_local_*`` columns hold, the test pass's estimates; with --bound global they hold the
-    local one; ``lip_global``: a guaranteed upper bound of the global product, so the two are not
-    comparable; ``lip_ratio_median``: with ``--tightness N``, the median over the first N test
+    the ``lip_local_*`` columns hold; with --bound global they hold the local one; ``lip_global`` the
+    product of the global norms of the same kind, upper bounds or estimates as they are:
+    ``evaluation.logged_global_product``; ``lip_ratio_median``: with ``--tightness N``, the median over the first N test
     examples of local / global from converged values, ``evaluation.converged_ratios``), then ``varying_<i>`` (mean fraction of varying neurons at
     activation layer i on the test pass) for every activation layer, then ``time`` (seconds).
     Bound columns stay empty in warm-up epochs. Opening it for a run that starts at epoch k keeps

@@ -13,6 +13,12 @@ an example not certified at any positive eps stops there). Misclassified example
 and are certified at no radius (``correct`` False); examples still certified at ``eps_max`` get
 radius ``eps_max`` (``capped``).
 
+Failure budget. An example's radius is the largest eps that one of its certifications (every
+grid point, then every bisection step) accepted, so with guaranteed settings it fails when any of
+them does. ``certification_calls`` bounds their number up front from the grid, ``tol`` and the
+floor (the bisection stops there), and each call gets ``failure_prob / calls``
+(``per_call_settings``): the radius then fails with probability at most ``failure_prob``.
+
 Monotonicity. Bisection assumes that an example certified at some eps is certified at every
 smaller eps. The grid checks this: an example certified at a grid point above its first failure
 is counted as non-monotone (``monotone`` False). Its radius is still the first crossing from
@@ -51,6 +57,26 @@ def open_brackets(lower, upper, tol, floor):
     return torch.isfinite(upper) & (upper - lower > torch.clamp(tol * lower, min=floor))
 
 
+def certification_calls(points, tol, floor):
+    """The most ``certify`` calls one example takes part in: one per grid point, then the bisection
+    of its bracket [p_(k-1), p_k], which halves it until it is at most ``max(tol * p_(k-1), floor)``
+    wide (its lower end only grows), plus one halving for rounding; ``certified_radii`` stops there."""
+    edges = [0.0] + points.tolist()
+    halvings = 0
+    for low, high in zip(edges[:-1], edges[1:]):
+        stop = max(tol * low, floor)
+        if high - low > stop:
+            halvings = max(halvings, math.ceil(math.log2((high - low) / stop)) + 1)
+    return len(points) + halvings
+
+
+def per_call_settings(settings, calls):
+    """``settings`` for each of ``calls`` certifications of one radius: guaranteed settings split
+    their failure budget evenly (a union bound over the calls: the radius is the largest eps one of
+    them certified), so that the radius fails with at most ``settings.failure_prob``."""
+    return settings.replace(failure_prob=settings.failure_prob / calls) if settings.guaranteed else settings
+
+
 def _certifier(model, x, y, settings, store, index):
     """``certify(rows, eps)``: the certificate of examples ``rows`` at ``eps`` (a number, or one
     per row), as a bool CPU tensor: one batched bound pass."""
@@ -82,26 +108,32 @@ def certified_radii(model, x, y, *, eps_max, settings=CERTIFIED, tol=1e-3, grid=
                     eval_eps=None, store=None, index=None):
     """Certified radius of every example of the batch, by batched bisection (module docstring).
 
-    ``settings`` (default: guaranteed norms), ``store`` and ``index`` go to ``local_bound.certify``.
+    ``settings`` (default: guaranteed norms), ``store`` and ``index`` go to ``local_bound.certify``;
+    with guaranteed settings each of the at most ``calls`` (``certification_calls``) certifications
+    an example takes part in gets ``settings.failure_prob / calls`` (``per_call_settings``), so that
+    its radius fails with probability at most ``settings.failure_prob``.
     Returns
     a dict of CPU tensors [B]: ``prediction``, ``correct``, ``radius`` (certified, float64),
     ``upper`` (smallest eps found not certified; inf when capped, 0 when misclassified),
-    ``capped``, ``monotone``, ``local_bound`` (``local_bound.local_lipschitz`` at the radius) and,
-    when ``eval_eps`` is given, ``local_bound_eps`` (at ``eval_eps``); plus the numbers ``tol``,
-    ``steps`` (bisection steps run) and ``non_monotone`` (count of examples not monotone).
+    ``capped``, ``monotone``, ``local_bound`` (``local_bound.local_lipschitz`` at the radius, with
+    ``settings``) and, when ``eval_eps`` is given, ``local_bound_eps`` (at ``eval_eps``); plus the
+    numbers ``tol``, ``steps`` (bisection steps run), ``non_monotone`` (count of examples not
+    monotone), ``calls`` and ``failure_prob`` (of each radius; None for estimates).
     """
-    certify = _certifier(model, x, y, settings, store, index)
+    if not tol > 0:
+        raise ValueError(f'tol must be positive, not {tol}')
+    points = probe_grid(eps_max, grid, anchors)
+    floor = eps_max * FLOOR
+    calls = certification_calls(points, tol, floor)
+    certify = _certifier(model, x, y, per_call_settings(settings, calls), store, index)
     logits = model(x)
     prediction = logits.argmax(1).cpu()
     correct = local_bound.correct_predictions(logits, y).cpu()
-    points = probe_grid(eps_max, grid, anchors)
     everyone = torch.arange(len(y))
     table = torch.stack([certify(everyone, float(e)) for e in points], dim=1)
-    if not tol > 0:
-        raise ValueError(f'tol must be positive, not {tol}')
     lower, upper, first, monotone = _grid_brackets(table, correct, points)
-    floor, steps = eps_max * FLOOR, 0
-    while True:
+    steps = 0
+    while steps < calls - len(points):
         searching = (correct & open_brackets(lower, upper, tol, floor)).nonzero().squeeze(1)
         if not len(searching):
             break
@@ -115,7 +147,8 @@ def certified_radii(model, x, y, *, eps_max, settings=CERTIFIED, tol=1e-3, grid=
               'capped': correct & (first == len(points)), 'monotone': monotone,
               'local_bound': local_bound.local_lipschitz(model, x, lower.to(x.device), settings,
                                                          index=index).cpu(),
-              'tol': tol, 'steps': steps, 'non_monotone': int((~monotone).sum())}
+              'tol': tol, 'steps': steps, 'non_monotone': int((~monotone).sum()), 'calls': calls,
+              'failure_prob': settings.failure_prob if settings.guaranteed else None}
     if eval_eps is not None:
         result['local_bound_eps'] = local_bound.local_lipschitz(model, x, eval_eps, settings,
                                                                 index=index).cpu()
@@ -144,8 +177,8 @@ def dataset_radii(model, loader, *, device, eps_max, settings=CERTIFIED, eval_ep
 
     ``global_bound``: the value of the CSV's global_bound column (default ``local_bound.global_product``). ``options``:
     ``tol``, ``grid``. Returns (rows for
-    ``write_radius_csv``, summary dict with ``examples``, ``non_monotone``, ``capped``, ``tol``
-    and ``steps``).
+    ``write_radius_csv``, summary dict with ``examples``, ``non_monotone``, ``capped``, ``tol``,
+    ``steps``, ``calls`` and ``failure_prob`` of the last batch's ``certified_radii``).
     """
     anchors = tuple(anchors) + ((eval_eps,) if eval_eps is not None else ())
     rows, summary = [], {'examples': 0, 'non_monotone': 0, 'capped': 0}
@@ -160,7 +193,8 @@ def dataset_radii(model, loader, *, device, eps_max, settings=CERTIFIED, eval_ep
         summary['examples'] += len(y)
         summary['non_monotone'] += result['non_monotone']
         summary['capped'] += int(result['capped'].sum())
-        summary.update(tol=result['tol'], steps=result['steps'])
+        summary.update(tol=result['tol'], steps=result['steps'], calls=result['calls'],
+                       failure_prob=result['failure_prob'])
     return rows, summary
 
 

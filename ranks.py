@@ -36,6 +36,14 @@ class Runtime:
         dist.all_gather_object(parts, tensor)
         return torch.cat(parts)
 
+    def shared(self, value):
+        """The main process's ``value`` (a picklable object) on every rank (itself in one process)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def sum(self, values):
         """Sum a list of numbers over all ranks (identity in one process)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)

@@ -5,7 +5,8 @@ named presets are the ones the scripts use:
 
 * ``CERTIFIED`` (the default of every reported certificate): guaranteed norms. Every norm that a
   certificate multiplies or sizes a box with is an upper bound, exact or probabilistic, and the
-  certificate fails with probability at most ``failure_prob`` (docs/certificates.md).
+  certificate fails with probability at most ``failure_prob`` (docs/certificates.md). Its start
+  vectors come from a secret seed drawn per call (``seed=None``); ``replace(seed=...)`` repeats.
 * ``LANCZOS``: Lanczos with per-sample stopping and the exact last layer. An estimate: fast and
   usually converged, but no bound on how often it under-estimates a norm.
 * ``AUTHORS``: the authors' evaluation (2000 power iterations, 1000 rounds of clip-and-rescale).
@@ -14,6 +15,8 @@ named presets are the ones the scripts use:
   and opt_iter come from the flags.
 """
 import math
+import numbers
+import secrets
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -43,8 +46,10 @@ class BoundSettings:
     power_grad: how gradients pass the training power iterations ('unrolled' or 'final').
     failure_prob: with 'guaranteed', the probability that a certificate rests on a norm that is
         not an upper bound (a union over every norm and check it uses).
-    seed: seeds the fresh start vectors of the guaranteed norms (decisions are reproducible;
-        pass a secret seed to guard against a model built to defeat a known one).
+    seed: seeds the fresh start vectors of the guaranteed norms: an integer in [0, 2**63) repeats
+        a run's decisions; None (the default) draws a secret seed from the OS at every call
+        (``secret_seed``), so that nobody who built the model can have known the starts
+        (docs/certificates.md, "What an adversary who reads the code cannot do").
     global_steps: Lanczos steps of a guaranteed global norm too large to form explicitly.
     exact_below: with 'guaranteed', a layer whose matrix has at most this many entries gets the
         exact SVD of its explicit masked matrix (float64) instead of a probabilistic bound.
@@ -61,7 +66,7 @@ class BoundSettings:
     sp_thres: Optional[float] = None
     power_grad: str = 'unrolled'
     failure_prob: float = 1e-9
-    seed: int = 0
+    seed: Optional[int] = None
     global_steps: int = 512
     exact_below: int = 4096
 
@@ -84,6 +89,10 @@ class BoundSettings:
         if self.guaranteed and self.translation != 'exact':
             raise ValueError("guaranteed certificates use the exact last layer (translation='exact'): the "
                              "iterative clip-and-rescale is an estimate, kept for training and the estimate presets")
+        if self.seed is not None and not (isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)
+                                          and 0 <= self.seed < SEED_LIMIT):
+            raise ValueError(f'seed must be None (a secret seed per call) or an integer in [0, 2**63), '
+                             f'not {self.seed!r}')
 
     @property
     def guaranteed(self):
@@ -99,15 +108,28 @@ class BoundSettings:
         """A copy with ``changes`` (validated again)."""
         return replace(self, **changes)
 
+    def seeded(self):
+        """These settings with a seed: their own, or a secret one drawn now (``secret_seed``)."""
+        return self if self.seed is not None else replace(self, seed=secret_seed())
+
     def describe(self):
         """One line for the logs: what a certificate of these settings promises."""
         bound = '' if self.bound == 'local' else f'{self.bound} bound, '
         if self.guaranteed:
+            seed = 'a secret seed per call' if self.seed is None else f'seed {self.seed}'
             return (f'{bound}guaranteed norms (upper bounds; a certificate fails with probability at most '
                     f'{self.failure_prob:g}), exact last layer checked by duality, float64 pass with outward '
-                    f'rounding, at most {self.sniter} Lanczos steps per norm')
+                    f'rounding, at most {self.sniter} Lanczos steps per norm, start vectors from {seed}')
         return (f'{bound}estimate ({self.method}, {self.sniter} iterations, {self.translation} last layer): '
                 'norms approach from below, no guarantee')
+
+
+SEED_LIMIT = 2**63
+
+
+def secret_seed():
+    """A seed drawn from the OS's secret source (``secrets``): 63 bits nobody can predict."""
+    return secrets.randbits(63)
 
 
 CERTIFIED = BoundSettings()

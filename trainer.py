@@ -24,7 +24,7 @@ import spectral
 import utils
 from checkpoints import NonFiniteError, atomic_save, load_model
 from evaluation import (USER_ERRORS, bound_settings, converged_ratios, evaluate_all, evaluate_certified, evaluate_clean,
-                        reported_settings)
+                        reported_settings, share_certification_seed)
 from loaders import build_loaders, set_loader_epoch
 from metrics import MetricsCSV, metrics_row
 from ranks import close_runtime, init_runtime, progress
@@ -401,6 +401,7 @@ def main(parse, train_set=None, test_set=None):
         with local_bound.compiled_kernels(getattr(args, 'compile', False)):
             run = prepare(args, runtime, train_set, test_set)
             logger = _start_files(args, runtime)
+            share_certification_seed(args, runtime)
             return train(run, args, runtime, logger)
     except USER_ERRORS as error:
         utils.exit_user_error(error)

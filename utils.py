@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import data_load
+import settings
 from models import MODELS, ClampGroupSort, Flatten, ReLU_x, model_names, select_model  # noqa: F401  (re-exported)
 
 
@@ -165,7 +166,15 @@ def argparser(data='cifar10', model='c6f2_relux', batch_size=256, epochs=800, wa
     else:
         g.add_argument('--saved_model', default=None,
                        help='required: the checkpoint prefix (loads <saved_model>_best.pth; a .pth path works too)')
-    g.add_argument('--seed', type=int, default=2019)
+    g.add_argument('--seed', type=int, default=2019,
+                   help='training seed: initialisation, data order, per-example start vectors and the per-epoch '
+                        'test pass' if training else
+                   'seed of the PGD starts and of the estimate methods\' start vectors')
+    g.add_argument('--cert_seed', type=int, default=None,
+                   help='seed of the start vectors of the reported guaranteed certificates'
+                        + (' (the final report)' if training else '')
+                        + '; default: a secret seed drawn from the OS, printed in the log (pass it to repeat '
+                          'a run); a seed others know lets them build a model that defeats it')
     g.add_argument('--device', default=default_device(), help='cuda when available, else cpu')
     if extra is not None:
         extra(p)
@@ -235,6 +244,7 @@ def finish_args(parser, args, training=True):
         parser.error('--translation iterative is an estimate; guaranteed certificates (--spectral guaranteed) '
                      'use the exact last layer: drop --translation or choose --spectral lanczos/power')
     check_numbers(parser, args)
+    _certification_seed(parser, args, training)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         parser.error(f'--device {args.device} requested but CUDA is not available')
     args.alpha = args.epsilon / 4 if args.alpha is None else args.alpha
@@ -265,6 +275,18 @@ def _check_training(parser, args):
     if args.lr_scheduler == 'exp' and half + args.more < args.epochs and half <= args.more:
         parser.error(f'--lr_scheduler exp: the decay would start at epoch {half + args.more} but '
                      f'--epochs // 2 ({half}) must exceed --more ({args.more}); change --more')
+
+
+def _certification_seed(parser, args, training):
+    """``--cert_seed`` in range, or drawn from the OS (``cert_seed_drawn``); ``reporting``: whether
+    this namespace's certificates are reported (seeded by ``--cert_seed``) or, in training, the
+    per-epoch pass's (seeded by ``--seed``, so that a run repeats)."""
+    if args.cert_seed is not None and not 0 <= args.cert_seed < settings.SEED_LIMIT:
+        parser.error(f'--cert_seed must be in [0, 2**63), not {args.cert_seed}')
+    args.cert_seed_drawn = args.cert_seed is None
+    if args.cert_seed_drawn:
+        args.cert_seed = settings.secret_seed()
+    args.reporting = not training
 
 
 # (low, high, low inclusive, high inclusive) of every real-valued flag; None = unbounded.

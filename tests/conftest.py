@@ -16,6 +16,25 @@ if ROOT not in sys.path:
 
 pytest.register_assert_rewrite('helpers')     # detailed assertion messages in the shared helpers too
 from helpers import HAVE_MNIST, MNIST_MINI  # noqa: E402
+import settings  # noqa: E402
+
+OS_SECRET_SEED = settings.secret_seed      # the real draw, for the tests of secret seeds (``os_seeds``)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def known_certification_seed():
+    """The suite repeats: in this process the secret seed behind ``BoundSettings(seed=None)`` and
+    the scripts' default ``--cert_seed`` is 0 (scripts run as subprocesses get a real one unless
+    the test passes ``--cert_seed``)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(settings, 'secret_seed', lambda: 0)
+        yield
+
+
+@pytest.fixture
+def os_seeds(monkeypatch):
+    """The real secret seeds of the OS, for one test."""
+    monkeypatch.setattr(settings, 'secret_seed', OS_SECRET_SEED)
 
 # The README's quick job: 5 short epochs on 1,500 real digits, certified on 300 test digits.
 QUICK_ARGV = ['--epochs', '5', '--rampup', '3', '--gloro', '--sniter', '2', '--opt_iter', '2',
