@@ -58,9 +58,9 @@ def parse_args(argv=None):
     p.add_argument('--data', choices=sorted(RECIPES), required=True)
     p.add_argument('--data_dir', default=None,
                    help='MNIST: a folder torchvision reads (default: the bundled samples/mnist); '
-                        'CIFAR-10 without --subset: where torchvision finds or downloads it (default data/)')
+                        'CIFAR-10 without --subset: where torchvision finds or downloads it, data/)')
     p.add_argument('--subset', default=None, help='CIFAR-10: an .npz of uint8 x [N, 3, 32, 32] and y (real '
-                                                  'training images) instead of torchvision\'s CIFAR-10')
+                                                  'training images) instead of torchvision\'s CIFAR-10 (default: none)')
     p.add_argument('--train', type=int, default=None, help='training images (default: 4000)')
     p.add_argument('--test', type=int, default=100, help='held-out images certified')
     p.add_argument('--epochs', type=int, default=None, help='training epochs (default: 5)')
