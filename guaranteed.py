@@ -245,7 +245,8 @@ def masked_norm_floor(op, in_mask, out_mask, batch):
     ``max_i ||M e_i||``, from one product of the masks with the squared weight each way."""
     squared, scale = scaled_operator(op, torch.float32)
     squared.layer.weight.mul_(squared.layer.weight)
-    mask = lambda m, shape: (torch.ones(batch, *shape, device=squared.layer.weight.device) if m is None  # noqa: E731
+    mask = lambda m, shape: (torch.ones(batch, *shape, device=squared.layer.weight.device,  # noqa: E731
+                                        dtype=torch.float32) if m is None
                              else m.detach().reshape(batch, *shape).float())
     inputs, outputs = mask(in_mask, op.in_shape), mask(out_mask, op.out_shape)
     rows = (squared.linear(inputs) * outputs).flatten(1).amax(1)
