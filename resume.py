@@ -42,7 +42,7 @@ def store_policy(args, runtime, stores):
     if runtime.distributed:
         return StorePolicy(False, f'{runtime.world_size} processes each hold a share of the stores')
     if args.save_store == 'never':
-        return StorePolicy(False, f'--save_store never ({size})')
+        return StorePolicy(False, f'--save_store never; {size}')
     if args.save_store == 'auto' and nbytes > STORE_KEEP_LIMIT:
         return StorePolicy(False, f'{size}, above the {STORE_KEEP_LIMIT / 2**30:g} GiB of --save_store auto')
     return StorePolicy(True, size)
