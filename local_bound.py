@@ -838,44 +838,66 @@ def per_sample_eps(eps, x, dtype=None):
 
 def check_labels(y, batch, classes):
     """Refuse (BoundError, one line) labels that are not one integer class in [0, ``classes``) per sample."""
-    if not torch.is_tensor(y) or y.shape != (batch,) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise BoundError(f'labels must be an integer tensor of shape ({batch},), not '
-                         f'{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}'
-                         + (f' {y.dtype}' if torch.is_tensor(y) else ''))
-    if batch and not ((y >= 0) & (y < classes)).all():
-        bad = int(y[(y < 0) | (y >= classes)][0])
-        raise BoundError(f'label {bad} is out of range: the model has {classes} classes (0 to {classes - 1})')
+    if (not torch.is_tensor(y) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool
+            or y.shape != (batch,)):
+        raise BoundError(f'y must be integer labels of shape ({batch},), one per image of x, not '
+                         + (f'{y.dtype} of shape {tuple(y.shape)}' if torch.is_tensor(y) else type(y).__name__))
+    if batch and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise BoundError(f'labels must lie in 0..{classes - 1} (the model has {classes} logits), not '
+                         f'{int(y.min())}..{int(y.max())}')
 
 
-def check_input_shapes(model, input_shape):
+def check_input_shapes(model, input_shape, batch_shape=None):
     """Refuse (BoundError, one line naming the layer) an input shape (one sample's) that a layer of
     the chain cannot take: a Linear needs a flat input of in_features, a Conv2d (C, H, W) with C its
     in_channels and room for its kernel, a clipped MaxMin an even channel count; a parameter of an
-    activation must broadcast over its input."""
+    activation must broadcast over its input. ``batch_shape`` (the whole batch's shape, when there
+    is one) adds hints for an unbatched input or one without its channel dimension."""
     shape = tuple(input_shape)
+    what = f'x of shape {tuple(batch_shape)}' if batch_shape is not None else f'an input of shape {shape}'
+    misfits = []              # reported after the walk: a layer that cannot take the input says more
     for index, layer in enumerate(model):
-        shape = _output_shape(layer, shape, f'layer {index} ({type(layer).__name__})')
+        where = f'{what} does not fit the model: layer {index} ({type(layer).__name__})'
+        misfits += filter(None, [_parameter_misfit(layer, shape, where)])
+        shape = _output_shape(layer, shape, where, tuple(batch_shape) if batch_shape is not None else None)
+    if misfits:
+        raise BoundError(misfits[0])
 
 
-def _output_shape(layer, shape, where):
+def _output_shape(layer, shape, where, batch_shape):
     """The shape ``layer`` makes of one sample of ``shape``; BoundError when it cannot take it."""
+    def refuse(wanted, hint=''):
+        raise BoundError(f'{where} takes [B, {", ".join(map(str, wanted))}], here {list(shape)}{hint}')
+    batched_3d = batch_shape is not None and len(batch_shape) == 3
     if isinstance(layer, nn.Linear):
         if shape != (layer.in_features,):
-            raise BoundError(f'{where} takes a flat input of {layer.in_features} features, not shape {shape} '
-                             '(a Flatten before it?)')
+            rank = len(batch_shape) if batch_shape is not None else 0
+            refuse((layer.in_features,), ' (one unbatched example? pass x.unsqueeze(0))' if rank == 1 else
+                   ' (the model was built for images of another size)' if rank > 2 else '')
         return (layer.out_features,)
     if isinstance(layer, nn.Conv2d):
         if len(shape) != 3 or shape[0] != layer.in_channels:
-            raise BoundError(f'{where} takes inputs (C, H, W) with C = {layer.in_channels}, not shape {shape}')
+            unbatched = batched_3d and batch_shape[0] == layer.in_channels
+            no_channel = batched_3d and layer.in_channels == 1
+            refuse((layer.in_channels, 'H', 'W'), ' (one unbatched image? pass x.unsqueeze(0))' if unbatched else
+                   ' (no channel dimension? pass x.unsqueeze(1))' if no_channel else '')
         sizes = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
                       zip(shape[1:], layer.padding, layer.dilation, layer.kernel_size, layer.stride))
         if min(sizes) < 1:
-            raise BoundError(f'{where}: its kernel does not fit an input of shape {shape}')
+            refuse((layer.in_channels, 'H', 'W'), f' (images too small for its {tuple(layer.kernel_size)} kernel)')
         return (layer.out_channels, *sizes)
     if isinstance(layer, (Flatten, nn.Flatten)):
         return (math.prod(shape),)
     if isinstance(layer, ClampGroupSort) and (not shape or shape[0] % 2):
         raise BoundError(f'{where} pairs the channel halves: it needs an even channel count, not shape {shape}')
+    return shape
+
+
+def _parameter_misfit(layer, shape, where):
+    """Why a parameter of the elementwise ``layer`` does not broadcast over its input of ``shape``
+    (None when every one does; affine layers' parameters are checked by ``_output_shape``)."""
+    if is_affine(layer):
+        return None
     half = (shape[0] // 2, *shape[1:]) if isinstance(layer, ClampGroupSort) and shape else shape
     for name, parameter in layer.named_parameters():
         try:
@@ -883,9 +905,9 @@ def _output_shape(layer, shape, where):
         except RuntimeError:
             fits = False
         if not fits:
-            raise BoundError(f'{where}: parameter {name} of shape {tuple(parameter.shape)} does not broadcast '
-                             f'over its input {shape}')
-    return shape
+            return (f'{where}: parameter {name} of shape {tuple(parameter.shape)} does not broadcast '
+                    f'over its input {shape}')
+    return None
 
 
 def propagate(model, x, eps, settings=CERTIFIED, global_norms=None, *, starts=None, store_layers=None,
@@ -901,7 +923,7 @@ def propagate(model, x, eps, settings=CERTIFIED, global_norms=None, *, starts=No
     ``store_layers`` a store's layers and ``steps`` the Lanczos steps of every guaranteed norm
     (default ``settings.sniter``)."""
     check_boundable(model)
-    check_input_shapes(model, x.shape[1:])
+    check_input_shapes(model, x.shape[1:], x.shape)
     settings = _checked(settings)
     if global_norms is None and settings.guaranteed:
         global_norms = _global_norm_bounds(model, x.shape[1:], settings)
@@ -1553,42 +1575,9 @@ def check_batch(model, x, y=None):
     if (x.dtype, x.device) != (param.dtype, param.device):
         raise BoundError(f'x is {x.dtype} on {x.device} but the model is {param.dtype} on {param.device}: '
                          f'pass x.to({param.dtype}).to("{param.device}")')
-    shape = tuple(x.shape[1:])
-    for index, layer in enumerate(model):
-        shape = _batch_output_shape(layer, index, shape, tuple(x.shape))
+    check_input_shapes(model, x.shape[1:], x.shape)
     if y is not None:
-        classes = list(model)[-1].out_features
-        if not torch.is_tensor(y) or y.is_floating_point() or y.is_complex() or y.shape != x.shape[:1]:
-            raise BoundError(f'y must be integer labels of shape ({x.size(0)},), one per image of x, not '
-                             + (f'{y.dtype} of shape {tuple(y.shape)}' if torch.is_tensor(y) else type(y).__name__))
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
-            raise BoundError(f'labels must lie in 0..{classes - 1} (the model has {classes} logits), not '
-                             f'{int(y.min())}..{int(y.max())}')
-
-
-def _batch_output_shape(layer, index, shape, batch_shape):
-    """The per-example output shape of ``layer`` for inputs of ``shape``; BoundError when it does not fit."""
-    def refuse(wanted, hint=''):
-        raise BoundError(f'x of shape {batch_shape} does not fit the model: layer {index} '
-                         f'({type(layer).__name__}) takes [B, {", ".join(map(str, wanted))}], here {list(shape)}{hint}')
-    if isinstance(layer, nn.Conv2d):
-        if len(shape) != 3 or shape[0] != layer.in_channels:
-            unbatched = len(batch_shape) == 3 and batch_shape[0] == layer.in_channels
-            no_channel = len(batch_shape) == 3 and layer.in_channels == 1
-            refuse((layer.in_channels, 'H', 'W'), ' (one unbatched image? pass x.unsqueeze(0))' if unbatched else
-                   ' (no channel dimension? pass x.unsqueeze(1))' if no_channel else '')
-        size = [(n + 2 * p - k) // s + 1 for n, p, k, s in zip(shape[1:], layer.padding, layer.kernel_size, layer.stride)]
-        if min(size) < 1:
-            refuse((layer.in_channels, 'H', 'W'), f' (images too small for its {tuple(layer.kernel_size)} kernel)')
-        return (layer.out_channels, *size)
-    if isinstance(layer, (nn.Flatten, Flatten)):
-        return (math.prod(shape),)
-    if isinstance(layer, nn.Linear):
-        if shape != (layer.in_features,):
-            refuse((layer.in_features,), ' (one unbatched example? pass x.unsqueeze(0))' if len(batch_shape) == 1
-                   else ' (the model was built for images of another size)' if len(batch_shape) > 2 else '')
-        return (layer.out_features,)
-    return shape
+        check_labels(y, x.size(0), list(model)[-1].out_features)
 
 
 # Certification decides with a margin, never on a tie: float32 rounding of logits of size |z| is
@@ -1643,7 +1632,6 @@ def bound_outputs(model, x, y, eps, settings=CERTIFIED, *, store=None, index=Non
     eps = per_sample_eps(eps, x, torch.float64 if settings.guaranteed else None)
     last = list(model)[-1]
     certified = None
-    check_labels(y, x.size(0), last.out_features if isinstance(last, nn.Linear) else math.inf)
     if settings.guaranteed:
         product, column, norms, state, certified = _guaranteed_outputs(model, x, y, eps, settings, index)
         logits = float64_copy(last)(state.centre).to(x.dtype)

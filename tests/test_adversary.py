@@ -290,9 +290,9 @@ def test_a_non_finite_weight_is_a_one_line_error(value):
     model, _ = hooked('layer')
     with torch.no_grad():
         model[2].weight[1, 3] = value
-    for settings in (CERTIFIED, CERTIFIED.replace(bound='refined')):
+    for chosen in (CERTIFIED, CERTIFIED.replace(bound="refined")):
         with pytest.raises(lb.BoundError, match=r'layer 2 \(Linear\): parameter weight holds NaN or inf'):
-            lb.certify(model, torch.rand(2, 4), torch.tensor([0, 1]), 0.01, settings)
+            lb.certify(model, torch.rand(2, 4), torch.tensor([0, 1]), 0.01, chosen)
 
 
 def test_an_empty_batch_and_bad_labels_are_one_line_errors():
@@ -300,9 +300,9 @@ def test_an_empty_batch_and_bad_labels_are_one_line_errors():
     with pytest.raises(lb.BoundError, match='non-empty batch'):
         lb.certify(model, torch.rand(0, 4), torch.zeros(0, dtype=torch.long), 0.01)
     for label in (7, -1, 2):
-        with pytest.raises(lb.BoundError, match='label.*(2 classes|2 logits)'):
+        with pytest.raises(lb.BoundError, match=r'labels must lie in 0\.\.1 \(the model has 2 logits\)'):
             lb.certify(model, torch.rand(2, 4), torch.tensor([0, label]), 0.01)
-    with pytest.raises(lb.BoundError, match='integer'):
+    with pytest.raises(lb.BoundError, match=r'y must be integer labels of shape \(2,\)'):
         lb.certify(model, torch.rand(2, 4), torch.tensor([0.0, 1.0]), 0.01)
 
 
@@ -311,9 +311,9 @@ def test_an_odd_maxmin_and_a_linear_on_images_are_one_line_errors():
     with pytest.raises(lb.BoundError, match=r'layer 1 \(ClampGroupSort\) .*even channel count'):
         lb.certify(odd, torch.rand(2, 4), torch.tensor([0, 1]), 0.01)
     unflattened = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Linear(32, 2))
-    with pytest.raises(lb.BoundError, match=r'layer 2 \(Linear\) takes (a flat input of 32 features|\[B, 32\])'):
+    with pytest.raises(lb.BoundError, match=r'layer 2 \(Linear\) takes \[B, 32\], here \[2, 4, 4\]'):
         lb.certify(unflattened, torch.rand(2, 1, 6, 6), torch.tensor([0, 1]), 0.01)
-    with pytest.raises(lb.BoundError, match=r'layer 0 \(Conv2d\) takes inputs \(C, H, W\) with C = 1'):
+    with pytest.raises(lb.BoundError, match=r'layer 0 \(Conv2d\) takes \[B, 1, H, W\], here \[3, 6, 6\]'):
         lb.check_input_shapes(unflattened, (3, 6, 6))
 
 
