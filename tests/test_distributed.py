@@ -161,7 +161,7 @@ def evaluation_counts(stdout):
 def test_distributed_evaluation_counts_every_example_once(runs):
     tmp, (_, run_one, _), _ = runs
     flags = ['--data', 'mnist', '--model', 'relux', '--data_dir', str(tmp / 'data'), '--no_pgd',
-             '--saved_model', str(run_one / 'pretrained' / 'run_relux'), '--epsilon', '0.05',
+             '--saved_model', str(run_one / 'pretrained' / 'run_relux'), '--epsilon', '0.02',
              '--test_batch_size', '8', '--workers', '0', '--cert_seed', '0']   # the same starts in both
     one, _, _ = launch(tmp, 'eval_one', 'evaluate.py', flags)
     two, _, _ = launch(tmp, 'eval_two', 'evaluate.py', flags, nproc=2)
