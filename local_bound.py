@@ -174,7 +174,7 @@ class BoundState:
     ``owner`` is the record of the affine layer whose output coordinates the current tensor still
     indexes (only elementwise maps and reshapes since): an elementwise activation's mask becomes
     that layer's output mask. Any other map (a MaxMin mixes its pairs) clears it, so a mask is never
-    applied to rows it does not index. ``centre_err`` (rigorous passes only, see ``_Rounding``)
+    applied to rows it does not index. ``centre_err`` (rigorous passes only: docs/certificates.md, "Floating point")
     bounds, per coordinate, how far the computed centre is from the real-valued image of the input."""
     centre: torch.Tensor
     radius: torch.Tensor
@@ -193,7 +193,7 @@ class BoundState:
 class PassOptions:
     """What the layer rules read: the settings, and the guaranteed global norms when the settings
     ask for them ({affine layer index: upper bound of its plain norm}; None: power iteration);
-    ``rigorous``: float64 arithmetic with every rounding covered (guaranteed settings, ``_Rounding``)."""
+    ``rigorous``: float64 arithmetic with every rounding covered (guaranteed settings; ``_rigorous_affine`` and docs/certificates.md, "Floating point")."""
     settings: BoundSettings
     global_norms: Optional[dict] = None
     rigorous: bool = False
@@ -693,8 +693,7 @@ def maxmin_rule(layer, index, state, options):
     centre = torch.cat([_smaller(c_high, top), _larger(c_low, bottom)], dim=1)
     # a MaxMin mixes its pairs: the tensor no longer indexes the previous layer's outputs (owner None)
     new = replace(state, centre=centre, lower=lower, upper=upper, mask=None, owner=None, centre_err=centre_err)
-    high_lower, _ = new.lower.split(new.lower.size(1) // 2, dim=1)
-    _, low_upper = new.upper.split(new.upper.size(1) // 2, dim=1)
+    high_lower, low_upper = _halves(new.lower)[0], _halves(new.upper)[1]
     fixed = torch.cat([high_lower >= layer.max, low_upper <= layer.min], dim=1)
     new.mask = (~fixed).to(state.centre.dtype)
     _count_varying(new, index, new.mask)
@@ -1350,8 +1349,9 @@ def _decided(last, y, state, radius_high, radius_low, last_check):
     """(certified, label column, done) at one check: certified by the upper bounds' radius, done
     when certified, when the estimates' radius does not certify either (the converged norms lie
     between the two), or at the last check."""
-    holds, column = rigorous_decision(last, y, state, radius_high)
-    hopeless = ~rigorous_decision(last, y, state, radius_low)[0]
+    bound = _GapBound(last, y, state)
+    holds, column = bound.decide(radius_high)
+    hopeless = ~bound.decide(radius_low)[0]
     return holds, column, holds | hopeless | last_check
 
 
@@ -1460,29 +1460,40 @@ def rigorous_decision(last, y, state, radius):
     bound of ``max <w, d>`` over the widened relative box (``last_layer.dual_bound``). Certified:
     every gap bound is finite and below 0 (the clean prediction is then right too). The column is
     the gap bound minus the computed ``z_j - z_y``, so that ``translate`` gives ``z_y + gap``."""
-    weight, bias = last.weight.detach(), last.bias
-    classes = weight.size(0)
-    label_rows = weight[y]
-    w = weight.unsqueeze(0) - label_rows.unsqueeze(1)                            # [B, C, h]
-    c, err = state.centre, state.centre_err
-    bias_gap = 0.0 if bias is None else bias.detach().unsqueeze(0) - bias.detach()[y].unsqueeze(1)
-    bias_size = 0.0 if bias is None else bias.detach().abs().unsqueeze(0) + bias.detach()[y].abs().unsqueeze(1)
-    dot = (w * c.unsqueeze(1)).sum(-1) + bias_gap
-    spread = (w.abs() * err.unsqueeze(1)).sum(-1)
-    size = ((weight.abs().unsqueeze(0) + label_rows.abs().unsqueeze(1))
-            * (c.abs() + err).unsqueeze(1)).sum(-1) + bias_size
-    low = torch.clamp(_down(_down(state.lower - c) - err), max=0).unsqueeze(1)
-    high = torch.clamp(_up(_up(state.upper - c) + err), min=0).unsqueeze(1)
-    radius = radius.double()
-    _, lam = exact_solution(w, low, high, radius)
-    reach = dual_bound(w, low, high, radius, lam)
-    slack = _slack_factor(weight.size(1))
-    gap = _up(dot + spread * (1 + slack) + slack * size + reach)
-    own = torch.arange(classes, device=y.device) == y.unsqueeze(1)
-    gap = torch.where(own, torch.zeros_like(gap), gap)
-    others = torch.where(own, torch.full_like(gap, -math.inf), gap)
-    certified = torch.isfinite(gap).all(dim=1) & (others.max(dim=1).values < 0)
-    return certified, gap - dot
+    return _GapBound(last, y, state).decide(radius)
+
+
+class _GapBound:
+    """The radius-free part of ``rigorous_decision`` (differences of label rows, the centre's sums
+    and their rounding, the relative box), computed once for the several radii of a check."""
+
+    def __init__(self, last, y, state):
+        weight, bias = last.weight.detach(), last.bias
+        label_rows = weight[y]
+        self.y, self.classes = y, weight.size(0)
+        self.w = weight.unsqueeze(0) - label_rows.unsqueeze(1)                       # [B, C, h]
+        c, err = state.centre, state.centre_err
+        bias_gap = 0.0 if bias is None else bias.detach().unsqueeze(0) - bias.detach()[y].unsqueeze(1)
+        bias_size = 0.0 if bias is None else bias.detach().abs().unsqueeze(0) + bias.detach()[y].abs().unsqueeze(1)
+        self.dot = (self.w * c.unsqueeze(1)).sum(-1) + bias_gap
+        spread = (self.w.abs() * err.unsqueeze(1)).sum(-1)
+        size = ((weight.abs().unsqueeze(0) + label_rows.abs().unsqueeze(1))
+                * (c.abs() + err).unsqueeze(1)).sum(-1) + bias_size
+        slack = _slack_factor(weight.size(1))
+        self.fixed = self.dot + spread * (1 + slack) + slack * size
+        self.low = torch.clamp(_down(_down(state.lower - c) - err), max=0).unsqueeze(1)
+        self.high = torch.clamp(_up(_up(state.upper - c) + err), min=0).unsqueeze(1)
+
+    def decide(self, radius):
+        """(certified [B], label column [B, C]) at ``radius`` [B] (see ``rigorous_decision``)."""
+        radius = radius.double()
+        _, lam = exact_solution(self.w, self.low, self.high, radius)
+        gap = _up(self.fixed + dual_bound(self.w, self.low, self.high, radius, lam))
+        own = torch.arange(self.classes, device=self.y.device) == self.y.unsqueeze(1)
+        gap = torch.where(own, torch.zeros_like(gap), gap)
+        others = torch.where(own, torch.full_like(gap, -math.inf), gap)
+        certified = torch.isfinite(gap).all(dim=1) & (others.max(dim=1).values < 0)
+        return certified, gap - self.dot
 
 
 def _rigorous_radius(eps, product, factors):
@@ -1659,7 +1670,6 @@ def _guaranteed_outputs(model, x, y, eps, settings, index):
     and refined bounds decided check by check, the global one from its guaranteed global norms;
     every decision by ``rigorous_decision`` (never a store: fresh starts, see ``bound_outputs``)."""
     if _guaranteed_refined(settings):
-        check_boundable(model)
         product, column, norms, state, certified = guaranteed_refined_product(model, x, y, eps, settings, index)
         return product, column, norms, state, certified
     state = propagate(model, x, eps, settings)
@@ -1697,7 +1707,6 @@ def local_lipschitz(model, x, eps, settings=CERTIFIED, *, index=None):
     settings = _masked(_checked(settings))
     eps = per_sample_eps(eps, x, torch.float64 if settings.guaranteed else None)
     if _guaranteed_refined(settings):
-        check_boundable(model)
         return _rounded_up(guaranteed_refined_product(model, x, None, eps, settings, index)[0], x.dtype)
     state = propagate(model, x, eps, settings)
     if settings.guaranteed:
