@@ -145,7 +145,8 @@ def scaled_operator(op, dtype):
     entry of 1, that scale as a float64 number)."""
     with torch.no_grad():
         scale = float(op.layer.weight.detach().double().abs().max())
-        layer = copy.deepcopy(op.layer, {id(op.layer.__dict__.get(MEMO)): None}).to(dtype)   # not the memo
+        source = op.layer.plain() if hasattr(op.layer, 'plain') else op.layer   # a folded layer's values
+        layer = copy.deepcopy(source, {id(source.__dict__.get(MEMO)): None}).to(dtype)   # not the memo
         if scale > 0 and math.isfinite(scale):
             layer.weight.div_(scale)
         layer.requires_grad_(False)
@@ -301,7 +302,7 @@ def operator_key(op):
 
 
 @torch.no_grad()
-def global_norm_bound(op, steps, delta, seed):
+def global_norm_bound(op, steps, delta, seed, memo_on=None):
     """An upper bound of ``||W||_2`` (a float): exact for a matrix of at most
     ``EXPLICIT_GLOBAL_LIMIT`` entries, else Lanczos (float32 products, the margins of the module
     docstring) from a seeded uniform start for ``steps`` steps (fails with probability at most
@@ -309,11 +310,13 @@ def global_norm_bound(op, steps, delta, seed):
 
     Remembered on the layer (attribute ``MEMO``) and reused only while the weight is equal entry by
     entry and ``operator_key`` (stride, padding, ..., input shape, dtype, device) is too, with, for
-    Lanczos, the same steps, delta and seed."""
+    Lanczos, the same steps, delta and seed. ``memo_on``: the module that keeps the memo (default
+    ``op.layer``; a float64 copy's original, say)."""
+    holder = op.layer if memo_on is None else memo_on
     weight = op.layer.weight.detach()
     exact = explicit_size(op) <= EXPLICIT_GLOBAL_LIMIT
     key = operator_key(op) + (() if exact else (steps, delta, seed))
-    hit = op.layer.__dict__.get(MEMO)
+    hit = holder.__dict__.get(MEMO)
     if hit is not None and hit[0] == key and torch.equal(hit[1], weight):
         return hit[2]
     if exact:
@@ -321,7 +324,7 @@ def global_norm_bound(op, steps, delta, seed):
     else:
         run = _global_run(op, steps, seed)
         value = float(checked_bounds(*run.bounds(delta), masked_norm_floor(op, None, None, 1))[1][0])
-    op.layer.__dict__[MEMO] = (key, weight.clone(), value)
+    holder.__dict__[MEMO] = (key, weight.clone(), value)
     return value
 
 

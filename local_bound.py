@@ -19,16 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data_load
+import graph
 import guaranteed
 import spectral
 from last_layer import dual_bound, exact_solution, label_column, translate
-from settings import CERTIFIED, BoundSettings
+from settings import CERTIFIED, BoundError, BoundSettings
 from spectral import global_spectral_norm, masked_norm, precise_global_norm, precise_masked_norms
-from models import ClampGroupSort, Flatten, ReLU_x, relu_x
-
-
-class BoundError(ValueError):
-    """A model or input the bound pass cannot handle (one-line message)."""
+from models import ClampGroupSort, ConvLike, Flatten, LinearResidual, ReLU_x, relu_x
 
 
 # ----------------------------------------------------------------------------- affine operators
@@ -76,7 +73,10 @@ class ConvOperator:
         return self.layer.weight[0].numel()
 
     def bias_abs(self):
-        """|bias| shaped to broadcast against outputs (0 without a bias)."""
+        """|bias| shaped to broadcast against outputs (0 without a bias); a folded layer's bound of it
+        by the sizes of its terms (``bias_size``), which its rounding is relative to."""
+        if hasattr(self.layer, 'bias_size'):
+            return self.layer.bias_size()
         bias = self.layer.bias
         return 0.0 if bias is None else bias.abs().view(1, -1, 1, 1)
 
@@ -120,6 +120,8 @@ class LinearOperator:
         return self.layer.in_features
 
     def bias_abs(self):
+        if hasattr(self.layer, 'bias_size'):
+            return self.layer.bias_size()
         bias = self.layer.bias
         return 0.0 if bias is None else bias.abs().view(1, -1)
 
@@ -138,7 +140,8 @@ def _root(squares):
     return squares.clamp(min=1e-36).sqrt()
 
 
-OPERATORS = {nn.Conv2d: ConvOperator, nn.Linear: LinearOperator}
+OPERATORS = {nn.Conv2d: ConvOperator, nn.Linear: LinearOperator, graph.FoldedLinear: LinearOperator,
+             **{cls: ConvOperator for cls in (LinearResidual, graph.FoldedConv, graph.ChannelScale, graph.PoolConv)}}
 
 
 def make_operator(layer, in_shape):
@@ -714,8 +717,7 @@ def flatten_rule(layer, index, state, options):
 
 
 RULES = {                       # layer type -> bound rule (activations: see register_activation)
-    nn.Conv2d: affine_rule,
-    nn.Linear: affine_rule,
+    **{cls: affine_rule for cls in OPERATORS},
     Flatten: flatten_rule,
     nn.Flatten: flatten_rule,
 }
@@ -797,7 +799,7 @@ def rule_for(layer, index=None):
 
 def unmodelled_variant(layer):
     """Why the rule of ``layer``'s type would not describe this instance ('' when it does)."""
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, (nn.Conv2d, ConvLike)):
         if layer.padding_mode != 'zeros':
             return f"padding_mode '{layer.padding_mode}' (only zero padding is)"
         if isinstance(layer.padding, str):
@@ -868,13 +870,13 @@ def _output_shape(layer, shape, where, batch_shape):
     def refuse(wanted, hint=''):
         raise BoundError(f'{where} takes [B, {", ".join(map(str, wanted))}], here {list(shape)}{hint}')
     batched_3d = batch_shape is not None and len(batch_shape) == 3
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, (nn.Linear, graph.FoldedLinear)):
         if shape != (layer.in_features,):
             rank = len(batch_shape) if batch_shape is not None else 0
             refuse((layer.in_features,), ' (one unbatched example? pass x.unsqueeze(0))' if rank == 1 else
                    ' (the model was built for images of another size)' if rank > 2 else '')
         return (layer.out_features,)
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, (nn.Conv2d, ConvLike)):
         if len(shape) != 3 or shape[0] != layer.in_channels:
             unbatched = batched_3d and batch_shape[0] == layer.in_channels
             no_channel = batched_3d and layer.in_channels == 1
@@ -921,6 +923,7 @@ def propagate(model, x, eps, settings=CERTIFIED, global_norms=None, *, starts=No
     with guaranteed settings fresh ones, by default seeded by ``settings.seed`` and the row),
     ``store_layers`` a store's layers and ``steps`` the Lanczos steps of every guaranteed norm
     (default ``settings.sniter``)."""
+    model = boundable(model, x)
     check_boundable(model)
     check_input_shapes(model, x.shape[1:], x.shape)
     settings = _checked(settings)
@@ -1168,6 +1171,7 @@ def failure_events(settings, layers):
 def guaranteed_global_norms(model, input_shape, settings):
     """{affine layer index: upper bound of its plain spectral norm} for every conv/linear layer but
     the last (``guaranteed.global_norm_bound``, exact where the matrix is small)."""
+    model = graph.as_chain(model, tuple(input_shape), RULES)
     check_boundable(model)
     return _global_norm_bounds(model, input_shape, _checked(settings))
 
@@ -1180,9 +1184,16 @@ def _global_norm_bounds(model, input_shape, settings):
     shapes = affine_input_shapes(model, input_shape)
     delta = settings.failure_prob / failure_events(settings, len(shapes))
     layers = list(model)
-    return {i: guaranteed.global_norm_bound(make_operator(layers[i], shape), settings.global_steps, delta,
-                                            settings.seed + 7919 * (i + 1))
+    return {i: guaranteed.global_norm_bound(make_operator(_exact_values(layers[i]), shape), settings.global_steps,
+                                            delta, settings.seed + 7919 * (i + 1), memo_on=layers[i])
             for i, shape in shapes.items()}
+
+
+def _exact_values(layer):
+    """``layer``, or for a folded one (``graph.FOLDED_TYPES``) a plain float64 layer of its values
+    folded in float64: the fold's float64 rounding is what the norm margins cover (a fold rounded
+    to float32 would differ from the real network by more)."""
+    return float64_copy(layer).plain() if type(layer) in graph.FOLDED_TYPES else layer
 
 
 def fresh_starts(shapes, batch, index, seed, device):
@@ -1529,6 +1540,9 @@ class BoundOutput:
 def check_boundable(model):
     """Refuse (BoundError, one line) a model whose last module is not a Linear layer (the
     translation needs affine logits) or that holds a layer the rules do not model."""
+    if not isinstance(model, nn.Sequential):
+        raise BoundError(f'{type(model).__name__} is not a chain of layers: pass it through local_bound.boundable '
+                         '(the public functions do)')
     layers = list(model)
     if not layers or type(layers[-1]) is not nn.Linear:
         last = type(layers[-1]).__name__ if layers else 'nothing'
@@ -1540,8 +1554,22 @@ def check_boundable(model):
 
 
 def _named_layers(model):
-    """('the model', model) and ('layer i (Type)', layer) for every layer of the Sequential."""
-    return [('the model', model)] + [(f'layer {i} ({type(layer).__name__})', layer) for i, layer in enumerate(model)]
+    """('the model', model) and ('layer name (Type)', module) for every module inside it, nested
+    ones included (a folded layer's parts, a user module's submodules)."""
+    return [('the model', model)] + [(f'layer {name} ({type(module).__name__})', module)
+                                     for name, module in model.named_modules() if name]
+
+
+def boundable(model, x):
+    """``model`` as the chain the pass walks: itself when it is a Sequential of layers with rules,
+    else ``graph.as_chain``'s rewrite of it for inputs shaped like ``x`` (a batch). Hooks or
+    replaced forwards anywhere in the user's module are refused first (the rewrite keeps layers)."""
+    if not isinstance(model, nn.Module):
+        raise BoundError(f'expected an nn.Module, not {type(model).__name__}')
+    check_bare_forwards(model)
+    if not (torch.is_tensor(x) and x.dim() >= 2):
+        return model                 # check_batch says what is wrong with x
+    return graph.as_chain(model, tuple(x.shape[1:]), RULES)
 
 
 def check_bare_forwards(model):
@@ -1578,7 +1606,6 @@ def check_batch(model, x, y=None):
     floating tensor [B, *input shape] in the dtype and on the device of the model's parameters whose
     shape fits every conv/linear layer (an unbatched image, or another data set's images, stop
     here); ``y``, when given, integer labels [B] below the number of logits."""
-    check_boundable(model)
     if not torch.is_tensor(x) or not x.is_floating_point():
         kind = f'dtype {x.dtype}' if torch.is_tensor(x) else type(x).__name__
         raise BoundError(f'x must be a floating-point tensor of images in [0, 1], not {kind}')
@@ -1586,6 +1613,7 @@ def check_batch(model, x, y=None):
     if (x.dtype, x.device) != (param.dtype, param.device):
         raise BoundError(f'x is {x.dtype} on {x.device} but the model is {param.dtype} on {param.device}: '
                          f'pass x.to({param.dtype}).to("{param.device}")')
+    check_boundable(model)
     check_input_shapes(model, x.shape[1:], x.shape)
     if y is not None:
         check_labels(y, x.size(0), list(model)[-1].out_features)
@@ -1638,6 +1666,7 @@ def bound_outputs(model, x, y, eps, settings=CERTIFIED, *, store=None, index=Non
     NaN entries of the translation are set to 0 in the worst-case logits (the authors' rule, for the
     training loss); ``finite`` records them, and ``certified_predictions`` never certifies them.
     """
+    model = boundable(model, x)
     check_batch(model, x, y)
     settings = _checked(settings)
     eps = per_sample_eps(eps, x, torch.float64 if settings.guaranteed else None)
@@ -1703,6 +1732,7 @@ def local_lipschitz(model, x, eps, settings=CERTIFIED, *, index=None):
     bounds with guaranteed settings, each within ``settings.tol``, default 1e-2, of its estimate):
     the paper's local bound, or the refined one with ``settings.bound == 'refined'`` (a global
     ``settings.bound`` reads as local)."""
+    model = boundable(model, x)
     check_batch(model, x)
     settings = _masked(_checked(settings))
     eps = per_sample_eps(eps, x, torch.float64 if settings.guaranteed else None)
@@ -1730,6 +1760,7 @@ def layer_norms(model, x, eps, settings=CERTIFIED, *, precise=False, rtol=1e-6):
     for small layers, else Lanczos with full re-orthogonalisation to relative residual ``rtol``),
     for a convergence audit.
     """
+    model = boundable(model, x)
     settings = _masked(_checked(settings))
     state = propagate(model, x, eps, settings)
     if precise:
@@ -1745,6 +1776,8 @@ def layer_norms(model, x, eps, settings=CERTIFIED, *, precise=False, rtol=1e-6):
 
 def infer_input_shape(model):
     """The input shape (C, H, W) or (F,) that ``model`` accepts, among those of the registered data sets."""
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f'cannot infer the input shape of a {type(model).__name__}; pass input_shape=(C, H, W)')
     first = list(model)[0]
     if isinstance(first, nn.Linear):
         return (first.in_features,)
@@ -1767,6 +1800,7 @@ def global_lipschitz(model, *, sniter=2000, input_shape=None, precise=False):
     1e-6), leaving the training vectors untouched.
     """
     shape = tuple(input_shape) if input_shape is not None else infer_input_shape(model)
+    model = graph.as_chain(model, shape, RULES)
     if precise:
         return math.prod(precise_global_norms(model, shape).values())
     layers = list(model)
@@ -1778,6 +1812,7 @@ def global_lipschitz(model, *, sniter=2000, input_shape=None, precise=False):
 def precise_global_norms(model, input_shape):
     """{affine layer index: float64 norm converged to 1e-6} of every conv/linear layer but the last
     (``spectral.precise_global_norm``; the warm vectors are read, never moved)."""
+    model = graph.as_chain(model, tuple(input_shape), RULES)
     layers = list(model)
     return {i: float(precise_global_norm(make_operator(layers[i], shape))[0])
             for i, shape in affine_input_shapes(model, input_shape).items()}

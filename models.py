@@ -4,6 +4,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import data_load
 
@@ -38,6 +39,77 @@ class ClampGroupSort(nn.Module):
 
     def forward(self, x):
         return clamp_maxmin(x, self.max, self.min)
+
+
+class ConvLike(nn.Module):
+    """A map the bound pass treats as one Conv2d: subclasses give ``weight`` and ``bias`` (computed
+    from their parts, so gradients reach those) and the geometry of ``conv``, the Conv2d they extend."""
+
+    def __getattr__(self, name):
+        if name in CONV_GEOMETRY:
+            return getattr(self.conv, name)
+        return super().__getattr__(name)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    @torch.no_grad()
+    def plain(self):
+        """An ``nn.Conv2d`` holding a copy of the current weight and bias (same dtype and device)."""
+        weight, bias = self.weight.detach(), self.bias
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias.detach())
+        return conv
+
+
+CONV_GEOMETRY = ('in_channels', 'out_channels', 'kernel_size', 'stride', 'padding', 'dilation', 'groups',
+                 'padding_mode')
+
+
+class LinearResidual(ConvLike):
+    """LiResNet's linear residual block ``x + conv(x)``: one Conv2d whose kernel is ``conv``'s plus
+    the identity at the centre tap (the same function), so its local norm is the masked norm of
+    ``I + W``. ``conv`` keeps the size: as many outputs as inputs, stride 1, an odd kernel, padding
+    of half the kernel, no groups or dilation, zero padding."""
+
+    def __init__(self, conv):
+        super().__init__()
+        problem = same_size_problem(conv)
+        if problem:
+            raise ValueError(f'LinearResidual needs a size-keeping Conv2d: {problem}')
+        self.conv = conv
+
+    @property
+    def weight(self):
+        conv = self.conv
+        kh, kw = conv.kernel_size
+        eye = torch.zeros_like(conv.weight)
+        eye[:, :, kh // 2, kw // 2] = torch.eye(conv.out_channels, dtype=eye.dtype, device=eye.device)
+        return conv.weight + eye
+
+    @property
+    def bias(self):
+        return self.conv.bias
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+def same_size_problem(conv):
+    """Why ``x + conv(x)`` is not one Conv2d of the same geometry ('' when it is)."""
+    if type(conv) is not nn.Conv2d:
+        return f'{type(conv).__name__} is not an nn.Conv2d'
+    kh, kw = conv.kernel_size
+    if (conv.in_channels != conv.out_channels or tuple(conv.stride) != (1, 1) or conv.groups != 1
+            or tuple(conv.dilation) != (1, 1) or kh % 2 == 0 or kw % 2 == 0
+            or tuple(conv.padding) != (kh // 2, kw // 2) or conv.padding_mode != 'zeros'):
+        return (f'Conv2d({conv.in_channels}, {conv.out_channels}, kernel {tuple(conv.kernel_size)}, stride '
+                f'{tuple(conv.stride)}, padding {conv.padding}, groups {conv.groups}) changes the size or mixes '
+                'groups (wanted: same channels, stride 1, odd kernel, padding kernel // 2, groups 1)')
+    return ''
 
 
 def relu_x(x, threshold):
@@ -124,6 +196,24 @@ def maxmin_activation(thresholds):
     return make
 
 
+def build_liresnet(input_shape, width, blocks, hidden, classes, activation):
+    """A small LiResNet: stem Conv2d(3x3) to ``width`` channels, ``blocks`` linear residual blocks
+    ``x + conv(x)`` (3x3, ``LinearResidual``), a neck Conv2d(4x4, stride 2), Flatten, Linear to
+    ``hidden``, Linear to ``classes``; ``activation(shape, k)`` after every layer but the last."""
+    channels, height, width_px = input_shape
+    layers = [nn.Conv2d(channels, width, 3, padding=1), activation([1, width, height, width_px], 0)]
+    for k in range(blocks):
+        layers += [LinearResidual(nn.Conv2d(width, width, 3, padding=1)),
+                   activation([1, width, height, width_px], k + 1)]
+    height, width_px = _conv_out(height, 4, 2, 1), _conv_out(width_px, 4, 2, 1)
+    layers += [nn.Conv2d(width, width, 4, stride=2, padding=1), activation([1, width, height, width_px], blocks + 1),
+               Flatten(), nn.Linear(width * height * width_px, hidden), activation([1, hidden], blocks + 2),
+               nn.Linear(hidden, classes)]
+    model = nn.Sequential(*layers)
+    init_conv_weights(model)
+    return model
+
+
 def _model_table():
     """(data, name) -> builder(init). The 4C3F ReLU_x models always start at threshold 1.0."""
     mnist, cifar, tiny = (data_load.input_shape(name) for name in ('mnist', 'cifar10', 'tinyimagenet'))
@@ -135,6 +225,8 @@ def _model_table():
         ('cifar10', 'standrelu'): lambda init: build_sequential(cifar, CIFAR_6C, [512, 10], standard_relu),
         ('cifar10', 'c6f2_clmaxmin'): lambda init: build_sequential(
             cifar, CIFAR_6C, [512, 10], maxmin_activation(CIFAR_6C_MAXMIN)),
+        ('mnist', 'liresnet'): lambda init: build_liresnet(mnist, 16, 4, 128, 10, relux_activation(init)),
+        ('cifar10', 'liresnet'): lambda init: build_liresnet(cifar, 32, 6, 256, 10, relux_activation(init)),
         ('tinyimagenet', 'tinyimagenet_relux'): lambda init: build_sequential(
             tiny, TINY_8C, [256, 200], relux_activation(init)),
         ('tinyimagenet', 'tiny_clmaxmin'): lambda init: build_sequential(

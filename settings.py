@@ -28,6 +28,10 @@ REFINEMENTS = ('rows', 'radius')
 POWER_GRADS = ('unrolled', 'final')
 
 
+class BoundError(ValueError):
+    """A model or input the bound pass cannot handle (one-line message)."""
+
+
 @dataclass(frozen=True)
 class BoundSettings:
     """Options of one bound pass (validated on construction).

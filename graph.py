@@ -1,0 +1,383 @@
+"""A user's network as the chain the bound pass walks (docs/graphs.md).
+
+``as_chain(model, input_shape)`` returns an ``nn.Sequential`` of layers the pass has rules for that
+computes what ``model`` computes in eval mode, sharing its parameters:
+
+* an ``nn.Sequential`` of such layers is returned as it is (the zoo, the authors' checkpoints);
+* anything else is traced by ``torch.fx`` and rewritten node by node: BatchNorm (eval) folded into
+  the Conv2d / Linear before it (``FoldedConv``, ``FoldedLinear``) or, alone, a per-channel map
+  (``ChannelScale``); AvgPool2d and AdaptiveAvgPool2d as convolutions of constant weights
+  (``PoolConv``); Identity and Dropout (eval) dropped; ``F.relu`` / ``torch.relu`` as ``nn.ReLU``;
+  ``torch.flatten(x, 1)`` and ``x.view(x.size(0), -1)`` as ``Flatten``; ``x + conv(x)`` with a
+  size-keeping conv as ``LinearResidual``.
+
+Anything else is refused with a one-line ``BoundError`` naming the node. The folded layers compute
+their weights from the parts on every use (gradients reach the parts; a float64 copy folds in
+float64): see docs/certificates.md, "Floating point", for why the fold's rounding is covered.
+"""
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from models import ConvLike, Flatten, LinearResidual, same_size_problem
+from settings import BoundError
+
+
+class FoldedConv(ConvLike):
+    """``bn(conv(x))`` for an eval-mode BatchNorm2d: one Conv2d of weight ``a W`` and bias
+    ``a (b - mean) + beta``, ``a = gamma / sqrt(var + eps)`` per output channel."""
+
+    def __init__(self, conv, bn):
+        super().__init__()
+        self.conv, self.bn = conv, bn
+
+    @property
+    def weight(self):
+        return self.conv.weight * channel_scale(self.bn).view(-1, 1, 1, 1)
+
+    @property
+    def bias(self):
+        return folded_bias(self.conv.bias, self.bn)
+
+    def bias_size(self):
+        """An upper bound of ``|bias|`` by the sizes of its terms (their rounding is relative to it)."""
+        return bias_size(self.conv.bias, self.bn).view(1, -1, 1, 1)
+
+
+class FoldedLinear(nn.Module):
+    """``bn(linear(x))`` for an eval-mode BatchNorm1d: one Linear (as ``FoldedConv``)."""
+
+    def __init__(self, linear, bn):
+        super().__init__()
+        self.linear, self.bn = linear, bn
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    @property
+    def weight(self):
+        return self.linear.weight * channel_scale(self.bn).view(-1, 1)
+
+    @property
+    def bias(self):
+        return folded_bias(self.linear.bias, self.bn)
+
+    def bias_size(self):
+        return bias_size(self.linear.bias, self.bn).view(1, -1)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    @torch.no_grad()
+    def plain(self):
+        """An ``nn.Linear`` holding a copy of the current weight and bias."""
+        weight = self.weight.detach()
+        linear = nn.Linear(self.in_features, self.out_features, device=weight.device, dtype=weight.dtype)
+        linear.weight.copy_(weight)
+        linear.bias.copy_(self.bias.detach())
+        return linear
+
+
+class ChannelScale(ConvLike):
+    """An eval-mode BatchNorm2d with no affine layer before it: a depthwise 1x1 convolution."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.bn = bn
+        self.conv = _Geometry(bn.num_features, bn.num_features, (1, 1), (1, 1), (0, 0), bn.num_features)
+
+    @property
+    def weight(self):
+        return channel_scale(self.bn).view(-1, 1, 1, 1)
+
+    @property
+    def bias(self):
+        return folded_bias(None, self.bn)
+
+    def bias_size(self):
+        return bias_size(None, self.bn).view(1, -1, 1, 1)
+
+
+class PoolConv(ConvLike):
+    """An average pooling of ``channels`` channels as a depthwise convolution of weights
+    ``1 / (kh kw)``, made in the dtype of the module (a float64 copy holds it to the last bit)."""
+
+    def __init__(self, channels, kernel, stride, padding):
+        super().__init__()
+        self.conv = _Geometry(channels, channels, kernel, stride, padding, channels)
+        self.register_buffer('like', torch.zeros(()))
+
+    @property
+    def weight(self):
+        kh, kw = self.kernel_size
+        return torch.full((self.out_channels, 1, kh, kw), 1.0 / (kh * kw), dtype=self.like.dtype,
+                          device=self.like.device)
+
+    @property
+    def bias(self):
+        return None
+
+
+class _Geometry:
+    """The geometry fields of a Conv2d, for ``ConvLike`` maps that have no conv of their own."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, groups):
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), tuple(padding)
+        self.dilation, self.padding_mode = (1, 1), 'zeros'
+
+
+def channel_scale(bn):
+    """``gamma / sqrt(running_var + eps)`` per channel."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    return scale * bn.weight if bn.affine else scale
+
+
+def folded_bias(bias, bn):
+    """``a (bias - mean) + beta`` per channel (``bias`` None: 0)."""
+    centred = -bn.running_mean if bias is None else bias - bn.running_mean
+    shifted = centred * channel_scale(bn)
+    return shifted + bn.bias if bn.affine else shifted
+
+
+def bias_size(bias, bn):
+    """``(|bias| + |mean|) |a| + |beta|``: at least ``|folded_bias|``, and the scale of its rounding."""
+    size = bn.running_mean.abs() if bias is None else bias.abs() + bn.running_mean.abs()
+    size = size * channel_scale(bn).abs()
+    return size + bn.bias.abs() if bn.affine else size
+
+
+FOLDED_TYPES = (FoldedConv, FoldedLinear, ChannelScale, PoolConv, LinearResidual)
+
+
+# ----------------------------------------------------------------------------- tracing
+
+def as_chain(model, input_shape, rules):
+    """``model`` as an ``nn.Sequential`` of layers whose types are in ``rules`` (see the module
+    docstring); ``model`` itself when it already is one."""
+    if isinstance(model, nn.Sequential) and all(type(layer) in rules for layer in model):
+        return model
+    if not isinstance(model, nn.Module):
+        raise BoundError(f'expected an nn.Module, not {type(model).__name__}')
+    _check_eval_mode(model)
+    graph = _trace(model, rules)
+    _shapes(graph, model, input_shape)
+    param = next(model.parameters(), None)
+    chain = nn.Sequential(*_rewrite(graph, rules))
+    return chain if param is None else chain.to(param.device)
+
+
+TRAINING_DEPENDENT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _check_eval_mode(model):
+    """Refuse Dropout or BatchNorm in training mode (they are fixed maps only in eval mode)."""
+    for name, module in model.named_modules():
+        if isinstance(module, TRAINING_DEPENDENT) and module.training:
+            raise BoundError(f'layer {name or "(the model)"} ({type(module).__name__}) is in training mode: '
+                             'call model.eval() before certifying')
+
+
+class _Tracer(fx.Tracer):
+    """Keeps the layers the pass has rules for (and torch's own modules) whole."""
+
+    def __init__(self, rules):
+        super().__init__()
+        self.rules = rules
+
+    def is_leaf_module(self, module, qualified_name):
+        """Leaves: layers with rules, torch's own layers, and subclasses of either (a subclass may
+        compute something else: kept whole, it is refused by name instead of traced)."""
+        if type(module) is nn.Sequential or type(module) is nn.ModuleList:
+            return False
+        return (type(module) in self.rules or super().is_leaf_module(module, qualified_name)
+                or any(isinstance(module, cls) for cls in self.rules) or _subclasses_torch_layer(module))
+
+
+def _subclasses_torch_layer(module):
+    """True for a subclass of a layer defined in torch.nn (not of nn.Module itself)."""
+    return any(cls.__module__.startswith('torch.nn') and cls not in (nn.Module, nn.Sequential, nn.ModuleList)
+               for cls in type(module).__mro__[1:])
+
+
+def _trace(model, rules):
+    try:
+        graph = _Tracer(rules).trace(model)
+    except Exception as error:      # fx raises many types for control flow it cannot follow
+        raise BoundError(f'{type(model).__name__} could not be traced by torch.fx (the bound pass needs '
+                         f'a static graph): {_first_line(error)}') from None
+    return fx.GraphModule(model, graph)
+
+
+def _shapes(graph, model, input_shape):
+    """Annotate every node with its output shape (``ShapeProp``, one probe forward)."""
+    param = next(model.parameters(), None)
+    probe = torch.zeros(1, *input_shape, dtype=param.dtype if param is not None else torch.float32,
+                        device=param.device if param is not None else 'cpu')
+    try:
+        with torch.no_grad():
+            ShapeProp(graph).propagate(probe)
+    except Exception as error:
+        raise BoundError(f'an input of shape {tuple(input_shape)} does not fit {type(model).__name__}: '
+                         f'{_first_line(error)}') from None
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return f'{type(error).__name__}: {text[0] if text else ""}'
+
+
+def _rewrite(graph, rules):
+    """The layers from the input to the output of ``graph``, one list per node (a node's layers are
+    its input's plus at most one)."""
+    layers, inputs = {}, [n for n in graph.graph.nodes if n.op == 'placeholder']
+    if len(inputs) != 1:
+        raise BoundError(f'the model takes {len(inputs)} inputs; the bound pass takes one image tensor')
+    for node in graph.graph.nodes:
+        if node.op == 'placeholder':
+            layers[node] = []
+        elif node.op == 'output':
+            result = node.args[0]
+            if not isinstance(result, fx.Node) or result not in layers:
+                raise BoundError('the model must return one tensor of logits')
+            return layers[result]
+        elif node.op == 'call_method' and node.target == 'size':
+            layers[node] = None             # read only by the view/reshape pattern
+        else:
+            layers[node] = _step(node, graph, layers, rules)
+    raise BoundError('the traced model has no output')
+
+
+def _step(node, graph, layers, rules):
+    """The layers of ``node``: those of its input with this node's layer appended."""
+    where = f"node '{node.name}'"
+    if node.op == 'call_module':
+        module = graph.get_submodule(node.target)
+        where = f'layer {node.target}'
+        return _module_step(module, _input(node, layers, where), node, where, rules)
+    if node.op in ('call_function', 'call_method'):
+        return _function_step(node, layers, where)
+    raise BoundError(f'{where} ({node.op} {node.target}): not supported by the bound pass')
+
+
+def _input(node, layers, where):
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    if len(tensors) != 1 or layers.get(tensors[0]) is None:
+        raise BoundError(f'{where} ({node.target}): takes {len(tensors)} tensors; the bound pass follows one '
+                         'chain (residual sums x + conv(x) aside)')
+    return layers[tensors[0]]
+
+
+def _module_step(module, before, node, where, rules):
+    name = f'{where} ({type(module).__name__})'
+    if isinstance(module, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)):
+        return before
+    if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d):
+        return _batch_norm_step(module, before, name)
+    if type(module) in (nn.AvgPool2d, nn.AdaptiveAvgPool2d):
+        return before + [_pool(module, node, name)]
+    if type(module) in rules:
+        return before + [module]
+    raise BoundError(f'{name}: no bound rule for this layer type (see README, "Your own network")')
+
+
+def _batch_norm_step(bn, before, name):
+    if not bn.track_running_stats or bn.running_var is None:
+        raise BoundError(f'{name} has no running statistics (track_running_stats=False uses batch '
+                         'statistics even in eval mode): not a fixed map')
+    last = before[-1] if before else None
+    if type(last) is nn.Conv2d:
+        return before[:-1] + [FoldedConv(last, bn)]
+    if type(last) is nn.Linear:
+        return before[:-1] + [FoldedLinear(last, bn)]
+    if isinstance(bn, nn.BatchNorm2d):
+        return before + [ChannelScale(bn)]
+    raise BoundError(f'{name}: a BatchNorm1d must follow a Linear layer')
+
+
+def _pool(module, node, name):
+    """A ``PoolConv`` of the pooling ``module`` (its input's shape from the shape propagation)."""
+    channels, height, width = _input_shape(node).shape[1:]
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        out = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
+        out = tuple(size if o is None else o for o, size in zip(out, (height, width)))
+        if height % out[0] or width % out[1]:
+            raise BoundError(f'{name}: output {out} does not divide the input {height}x{width} into equal windows')
+        kernel = (height // out[0], width // out[1])
+        return PoolConv(channels, kernel, kernel, (0, 0)).to(_input_shape(node).dtype)
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    if module.ceil_mode or not module.count_include_pad or module.divisor_override is not None:
+        raise BoundError(f'{name}: only ceil_mode=False, count_include_pad=True, no divisor_override')
+    return PoolConv(channels, pair(module.kernel_size), pair(module.stride or module.kernel_size),
+                    pair(module.padding)).to(_input_shape(node).dtype)
+
+
+def _input_shape(node):
+    """The shape propagation's record (shape, dtype) of ``node``'s tensor input."""
+    source = next(a for a in node.args if isinstance(a, fx.Node))
+    return source.meta['tensor_meta']
+
+
+RELUS = {F.relu, torch.relu, 'relu'}
+ADDS = {operator.add, torch.add, 'add'}
+FLATTENS = {torch.flatten, 'flatten'}
+RESHAPES = {'view', 'reshape', torch.reshape}
+
+
+def _function_step(node, layers, where):
+    name = f'{where} ({getattr(node.target, "__name__", node.target)})'
+    if node.target in ADDS:
+        return _residual_step(node, layers, name)
+    if node.target in RESHAPES and _keeps_batch_flattens(node) and layers.get(node.args[0]) is not None:
+        return layers[node.args[0]] + [Flatten()]
+    before = _input(node, layers, where)
+    if node.target in RELUS and not node.kwargs.get('inplace', False):
+        return before + [nn.ReLU()]
+    if node.target in FLATTENS and _flattens_from_one(node):
+        return before + [Flatten()]
+    raise BoundError(_unsupported(node, name))
+
+
+def _unsupported(node, name):
+    """The refusal of a function ``node``, naming the innermost module whose forward called it."""
+    stack = node.meta.get('nn_module_stack') or {}
+    if stack:
+        path, cls = list(stack.values())[-1]
+        return (f'layer {path} ({cls.__name__}): no bound rule for this layer type (its forward calls '
+                f'{name.split(" ", 2)[-1].strip("()")}, which the pass does not model; an activation is '
+                'declared with local_bound.register_activation: README, "Extending")')
+    return f'{name}: not supported by the bound pass (see README, "Your own network")'
+
+
+def _flattens_from_one(node):
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get('start_dim', 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get('end_dim', -1)
+    return start == 1 and end == -1
+
+
+def _keeps_batch_flattens(node):
+    """``x.view(x.size(0), -1)`` (or reshape): the batch size read from the same tensor, then -1."""
+    sizes = node.args[1:] if len(node.args) > 2 else tuple(node.args[1]) if len(node.args) == 2 else ()
+    if len(sizes) != 2 or sizes[1] != -1:
+        return False
+    batch = sizes[0]
+    return (isinstance(batch, fx.Node) and batch.op == 'call_method' and batch.target == 'size'
+            and batch.args[0] is node.args[0] and tuple(batch.args[1:]) == (0,))
+
+
+def _residual_step(node, layers, name):
+    """``x + conv(x)`` (either order) with a size-keeping Conv2d: a ``LinearResidual``."""
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    if len(tensors) != 2 or node.kwargs.get('alpha', 1) != 1 or any(layers.get(t) is None for t in tensors):
+        raise BoundError(f'{name}: only the sum of two tensors of the chain is supported')
+    short, long_ = sorted((layers[t] for t in tensors), key=len)
+    if len(long_) == len(short) + 1 and long_[:-1] == short and all(a is b for a, b in zip(long_, short)):
+        conv = long_[-1]
+        problem = same_size_problem(conv)
+        if not problem:
+            return short + [LinearResidual(conv)]
+        raise BoundError(f'{name}: x + f(x) is supported for f one size-keeping Conv2d; here {problem}')
+    raise BoundError(f'{name}: x + f(x) is supported for f one size-keeping Conv2d (LiResNet); a residual '
+                     'with activations or BatchNorm inside f is not supported yet')
