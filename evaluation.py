@@ -193,10 +193,10 @@ def logged_global_product(model, input_shape, settings):
     no warm vector moves, so training runs as it would without the log)."""
     if settings.guaranteed:
         return local_bound.global_product(model, input_shape, settings)
-    layers = list(model)
-    return math.prod(guaranteed.global_norm_estimate(local_bound.make_operator(layers[i], shape),
-                                                     GLOBAL_ESTIMATE_STEPS, settings.seed + 7919 * (i + 1))
-                     for i, shape in local_bound.affine_input_shapes(model, input_shape).items())
+    return local_bound.composed(model, {
+        key: guaranteed.global_norm_estimate(local_bound.make_operator(layer, shape), GLOBAL_ESTIMATE_STEPS,
+                                             local_bound.layer_seed(settings.seed, key))
+        for key, (layer, shape) in local_bound.affine_layers(model, input_shape).items()})
 
 
 def evaluate_pgd(model, loader, args, runtime):

@@ -9,7 +9,8 @@ computes what ``model`` computes in eval mode, sharing its parameters:
   (``ChannelScale``); AvgPool2d and AdaptiveAvgPool2d as convolutions of constant weights
   (``PoolConv``); Identity and Dropout (eval) dropped; ``F.relu`` / ``torch.relu`` as ``nn.ReLU``;
   ``torch.flatten(x, 1)`` and ``x.view(x.size(0), -1)`` as ``Flatten``; ``x + conv(x)`` with a
-  size-keeping conv as ``LinearResidual``.
+  size-keeping conv as ``LinearResidual``; any other sum ``a(x) + b(x)`` of two chains from a
+  common tensor as a ``Residual`` block of the two branches.
 
 Anything else is refused with a one-line ``BoundError`` naming the node. The folded layers compute
 their weights from the parts on every use (gradients reach the parts; a float64 copy folds in
@@ -23,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from models import ConvLike, Flatten, LinearResidual, same_size_problem
+from models import ConvLike, Flatten, LinearResidual, Residual, same_size_problem
 from settings import BoundError
 
 
@@ -157,7 +158,7 @@ FOLDED_TYPES = (FoldedConv, FoldedLinear, ChannelScale, PoolConv, LinearResidual
 def as_chain(model, input_shape, rules):
     """``model`` as an ``nn.Sequential`` of layers whose types are in ``rules`` (see the module
     docstring); ``model`` itself when it already is one."""
-    if isinstance(model, nn.Sequential) and all(type(layer) in rules for layer in model):
+    if isinstance(model, nn.Sequential) and _all_ruled(model, rules):
         return model
     if not isinstance(model, nn.Module):
         raise BoundError(f'expected an nn.Module, not {type(model).__name__}')
@@ -180,6 +181,13 @@ def _check_eval_mode(model):
                              'call model.eval() before certifying')
 
 
+def _all_ruled(layers, rules):
+    """True when every layer, inside residual blocks too, has a rule as it is."""
+    return all(type(layer) in rules and (type(layer) is not Residual
+                                         or all(_all_ruled(branch, rules) for branch in layer.branches))
+               for layer in layers)
+
+
 class _Tracer(fx.Tracer):
     """Keeps the layers the pass has rules for (and torch's own modules) whole."""
 
@@ -190,8 +198,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, module, qualified_name):
         """Leaves: layers with rules, torch's own layers, and subclasses of either (a subclass may
         compute something else: kept whole, it is refused by name instead of traced)."""
-        if type(module) is nn.Sequential or type(module) is nn.ModuleList:
-            return False
+        if type(module) in (nn.Sequential, nn.ModuleList, Residual):
+            return False                # traced through: a Residual's sum becomes a rewritten block
         return (type(module) in self.rules or super().is_leaf_module(module, qualified_name)
                 or any(isinstance(module, cls) for cls in self.rules) or _subclasses_torch_layer(module))
 
@@ -263,10 +271,10 @@ def _step(node, graph, layers, rules):
 
 
 def _input(node, layers, where):
-    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    tensors = node.all_input_nodes
     if len(tensors) != 1 or layers.get(tensors[0]) is None:
-        raise BoundError(f'{where} ({node.target}): takes {len(tensors)} tensors; the bound pass follows one '
-                         'chain (residual sums x + conv(x) aside)')
+        raise BoundError(f'{where} ({_target_name(node)}): takes {len(tensors)} tensors; the bound pass follows '
+                         'one chain (sums of two branches aside)')
     return layers[tensors[0]]
 
 
@@ -327,7 +335,7 @@ RESHAPES = {'view', 'reshape', torch.reshape}
 
 
 def _function_step(node, layers, where):
-    name = f'{where} ({getattr(node.target, "__name__", node.target)})'
+    name = f'{where} ({_target_name(node)})'
     if node.target in ADDS:
         return _residual_step(node, layers, name)
     if node.target in RESHAPES and _keeps_batch_flattens(node) and layers.get(node.args[0]) is not None:
@@ -351,6 +359,10 @@ def _unsupported(node, name):
     return f'{name}: not supported by the bound pass (see README, "Your own network")'
 
 
+def _target_name(node):
+    return getattr(node.target, '__name__', str(node.target))
+
+
 def _flattens_from_one(node):
     start = node.args[1] if len(node.args) > 1 else node.kwargs.get('start_dim', 0)
     end = node.args[2] if len(node.args) > 2 else node.kwargs.get('end_dim', -1)
@@ -368,16 +380,17 @@ def _keeps_batch_flattens(node):
 
 
 def _residual_step(node, layers, name):
-    """``x + conv(x)`` (either order) with a size-keeping Conv2d: a ``LinearResidual``."""
+    """The sum of two tensors of the chain: ``x + conv(x)`` with a size-keeping Conv2d is one
+    ``LinearResidual``; any other ``a(x) + b(x)`` a ``Residual`` of the two branches after their
+    common layers (an empty branch is the identity)."""
     tensors = [a for a in node.args if isinstance(a, fx.Node)]
     if len(tensors) != 2 or node.kwargs.get('alpha', 1) != 1 or any(layers.get(t) is None for t in tensors):
         raise BoundError(f'{name}: only the sum of two tensors of the chain is supported')
-    short, long_ = sorted((layers[t] for t in tensors), key=len)
-    if len(long_) == len(short) + 1 and long_[:-1] == short and all(a is b for a, b in zip(long_, short)):
-        conv = long_[-1]
-        problem = same_size_problem(conv)
-        if not problem:
-            return short + [LinearResidual(conv)]
-        raise BoundError(f'{name}: x + f(x) is supported for f one size-keeping Conv2d; here {problem}')
-    raise BoundError(f'{name}: x + f(x) is supported for f one size-keeping Conv2d (LiResNet); a residual '
-                     'with activations or BatchNorm inside f is not supported yet')
+    first, second = (layers[t] for t in tensors)
+    common = 0
+    while common < min(len(first), len(second)) and first[common] is second[common]:
+        common += 1
+    short, long_ = sorted((first[common:], second[common:]), key=len)
+    if not short and len(long_) == 1 and not same_size_problem(long_[0]):
+        return first[:common] + [LinearResidual(long_[0])]
+    return first[:common] + [Residual(nn.Sequential(*long_), shortcut=nn.Sequential(*short))]

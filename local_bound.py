@@ -25,7 +25,7 @@ import spectral
 from last_layer import dual_bound, exact_solution, label_column, translate
 from settings import CERTIFIED, BoundError, BoundSettings
 from spectral import global_spectral_norm, masked_norm, precise_global_norm, precise_masked_norms
-from models import ClampGroupSort, ConvLike, Flatten, LinearResidual, ReLU_x, relu_x
+from models import ClampGroupSort, ConvLike, Flatten, LinearResidual, ReLU_x, Residual, relu_x
 
 
 # ----------------------------------------------------------------------------- affine operators
@@ -177,7 +177,8 @@ class BoundState:
     ``owner`` is the record of the affine layer whose output coordinates the current tensor still
     indexes (only elementwise maps and reshapes since): an elementwise activation's mask becomes
     that layer's output mask. Any other map (a MaxMin mixes its pairs) clears it, so a mask is never
-    applied to rows it does not index. ``centre_err`` (rigorous passes only: docs/certificates.md, "Floating point")
+    applied to rows it does not index. ``layout`` is the chain when it holds residual blocks (the
+    product then composes by ``composed``; None: a plain chain multiplies). ``centre_err`` (rigorous passes only: docs/certificates.md, "Floating point")
     bounds, per coordinate, how far the computed centre is from the real-valued image of the input."""
     centre: torch.Tensor
     radius: torch.Tensor
@@ -190,6 +191,7 @@ class BoundState:
     pass_norms: Optional[object] = None
     owner: Optional[AffineRecord] = None
     centre_err: Optional[torch.Tensor] = None
+    layout: Optional[object] = None
 
 
 @dataclass
@@ -716,8 +718,90 @@ def flatten_rule(layer, index, state, options):
                    mask=flat(state.mask), centre_err=flat(state.centre_err))
 
 
+def sum_rule(layer, index, state, options):
+    """A residual block ``shortcut(x) + f(x)``: every branch runs from the block's input (its layers
+    keyed ``'index.b.j'``; no owner, since the input feeds several branches), then centres and boxes
+    add, and the ball's radius grows by the sum over branches of their global norm products (each
+    branch is that Lipschitz, activations being 1-Lipschitz). The block's own factor in the local
+    product is the sum of its branches' masked products (``composed``)."""
+    ends = [_run_branch(branch, f'{index}.{b}', state, options) for b, branch in enumerate(layer.branches)]
+    scale = sum(composed(branch, {rec.index: rec.global_sigma for rec in state.records}, f'{index}.{b}')
+                for b, branch in enumerate(layer.branches))
+    if options.rigorous:            # an upper bound of the real sum of products
+        scale = scale * (1 + _slack_factor(operation_count([layer])))
+    sparsity = state.sparsity + sum(end.sparsity - state.sparsity for end in ends)
+    if options.rigorous:
+        return _rigorous_sum(ends, state, scale, sparsity)
+    centre, lower, upper = (sum(getattr(end, name) for end in ends) for name in ('centre', 'lower', 'upper'))
+    radius = state.radius * scale
+    r = radius.view(-1, *([1] * (centre.dim() - 1)))
+    lower, upper = torch.maximum(lower, centre - r), torch.minimum(upper, centre + r)
+    return replace(state, centre=centre, radius=radius, lower=lower, upper=upper, mask=None, owner=None,
+                   sparsity=sparsity)
+
+
+def _run_branch(branch, prefix, state, options):
+    """The state at the end of one branch of a residual block (records and counts shared)."""
+    branch_state = replace(state, owner=None)
+    for j, layer in enumerate(branch):
+        branch_state = RULES[type(layer)](layer, f'{prefix}.{j}', branch_state, options)
+    return branch_state
+
+
+def _rigorous_sum(ends, state, scale, sparsity):
+    """``sum_rule``'s join in float64 with outward rounding: box ends summed down / up, the centre's
+    error bound summed up plus the rounding of the centre's sum, radius and ball rounded up."""
+    centre, lower, upper, err = ends[0].centre, ends[0].lower, ends[0].upper, ends[0].centre_err
+    for end in ends[1:]:
+        centre = centre + end.centre
+        lower, upper = _down(lower + end.lower), _up(upper + end.upper)
+        err = _up(_up(err + end.centre_err) + _up(centre.abs() * UNIT_ROUNDOFF))
+    radius = _up_product(state.radius, _up(torch.as_tensor(scale, dtype=torch.float64, device=centre.device)))
+    r = radius.view(-1, *([1] * (centre.dim() - 1)))
+    reach = _up(err + r)
+    lower, upper = torch.maximum(lower, _down(centre - reach)), torch.minimum(upper, _up(centre + reach))
+    return replace(state, centre=centre, radius=radius, lower=lower, upper=upper, mask=None, owner=None,
+                   centre_err=err, sparsity=sparsity)
+
+
+def layer_key(prefix, j):
+    """The key of layer ``j`` of a chain: ``j`` at the top (``prefix`` None), else ``'prefix.j'``."""
+    return j if prefix is None else f'{prefix}.{j}'
+
+
+def composed(layers, values, prefix=None):
+    """The bound of the chain ``layers`` from per-layer ``values`` ({layer key: norm}): a chain
+    multiplies, a residual block adds its branches' bounds (an empty branch, the identity, is 1);
+    layers without a value (activations, the last layer) count 1."""
+    total = 1.0
+    for j, layer in enumerate(layers):
+        key = layer_key(prefix, j)
+        if type(layer) is Residual:
+            total = total * sum(composed(branch, values, f'{key}.{b}') for b, branch in enumerate(layer.branches))
+        elif key in values:
+            total = total * values[key]
+    return total
+
+
+def has_sums(model):
+    """True when the chain holds a residual block (its product is then ``composed``)."""
+    return any(type(layer) is Residual for layer in model)
+
+
+def operation_count(layers):
+    """Multiplications and additions ``composed`` performs on ``layers`` (for its rounding)."""
+    count = 0
+    for layer in layers:
+        if type(layer) is Residual:
+            count += 1 + len(layer.branches) + sum(operation_count(branch) for branch in layer.branches)
+        elif is_affine(layer):
+            count += 1
+    return count
+
+
 RULES = {                       # layer type -> bound rule (activations: see register_activation)
     **{cls: affine_rule for cls in OPERATORS},
+    Residual: sum_rule,
     Flatten: flatten_rule,
     nn.Flatten: flatten_rule,
 }
@@ -769,9 +853,16 @@ register_activation(nn.ReLU, relu_rule)
 register_activation(ClampGroupSort, maxmin_rule)
 
 
-def activation_layers(model):
-    """Indices of the registered activation layers of ``model``."""
-    return [i for i, layer in enumerate(model) if type(layer) in ACTIVATIONS]
+def activation_layers(model, prefix=None):
+    """Keys of the registered activation layers of ``model`` (inside residual blocks too)."""
+    keys = []
+    for j, layer in enumerate(model):
+        key = layer_key(prefix, j)
+        if type(layer) is Residual:
+            keys += [k for b, branch in enumerate(layer.branches) for k in activation_layers(branch, f'{key}.{b}')]
+        elif type(layer) in ACTIVATIONS:
+            keys.append(key)
+    return keys
 
 
 @torch.no_grad()
@@ -857,12 +948,26 @@ def check_input_shapes(model, input_shape, batch_shape=None):
     shape = tuple(input_shape)
     what = f'x of shape {tuple(batch_shape)}' if batch_shape is not None else f'an input of shape {shape}'
     misfits = []              # reported after the walk: a layer that cannot take the input says more
-    for index, layer in enumerate(model):
-        where = f'{what} does not fit the model: layer {index} ({type(layer).__name__})'
-        misfits += filter(None, [_parameter_misfit(layer, shape, where)])
-        shape = _output_shape(layer, shape, where, tuple(batch_shape) if batch_shape is not None else None)
+    _walk_shapes(model, shape, what, tuple(batch_shape) if batch_shape is not None else None, None, misfits)
     if misfits:
         raise BoundError(misfits[0])
+
+
+def _walk_shapes(layers, shape, what, batch_shape, prefix, misfits):
+    """``check_input_shapes`` along ``layers`` (into residual blocks); returns the output shape."""
+    for j, layer in enumerate(layers):
+        key = layer_key(prefix, j)
+        where = f'{what} does not fit the model: layer {key} ({type(layer).__name__})'
+        if type(layer) is Residual:
+            ends = {_walk_shapes(branch, shape, what, batch_shape, f'{key}.{b}', misfits)
+                    for b, branch in enumerate(layer.branches)}
+            if len(ends) > 1:
+                raise BoundError(f'{where}: its branches end in different shapes {sorted(ends)}; they must add')
+            shape = ends.pop()
+            continue
+        misfits += filter(None, [_parameter_misfit(layer, shape, where)])
+        shape = _output_shape(layer, shape, where, batch_shape)
+    return shape
 
 
 def _output_shape(layer, shape, where, batch_shape):
@@ -927,6 +1032,9 @@ def propagate(model, x, eps, settings=CERTIFIED, global_norms=None, *, starts=No
     check_boundable(model)
     check_input_shapes(model, x.shape[1:], x.shape)
     settings = _checked(settings)
+    if has_sums(model) and settings.refines:
+        raise BoundError('the refined bound follows plain chains; a model with residual blocks takes the local '
+                         'or the global bound')
     if global_norms is None and settings.guaranteed:
         global_norms = _global_norm_bounds(model, x.shape[1:], settings)
     options = PassOptions(settings, global_norms, rigorous=settings.guaranteed)
@@ -938,6 +1046,7 @@ def propagate(model, x, eps, settings=CERTIFIED, global_norms=None, *, starts=No
     else:
         shaped = radius.view(-1, *([1] * (x.dim() - 1)))
         state = BoundState(x, radius, x - shaped, x + shaped)
+    state.layout = model if has_sums(model) else None
     with _exact_float64_kernels(x.device, options.rigorous):
         return _run_layers(model, state, options, starts, store_layers, steps, x)
 
@@ -1001,15 +1110,38 @@ def _probe(model, shape):
 
 
 def affine_input_shapes(model, input_shape):
-    """{layer index: input shape} for every conv/linear layer but the last."""
-    shapes, x = {}, _probe(model, input_shape)
-    layers = list(model)
+    """{layer key: input shape} for every conv/linear layer but the last (``affine_layers``)."""
+    return {key: shape for key, (_, shape) in affine_layers(model, input_shape).items()}
+
+
+def affine_layers(model, input_shape):
+    """{layer key: (layer, input shape)} for every conv/linear layer but the last, those inside
+    residual blocks included (keys ``'i.b.j'``, see ``layer_key``), in pass order."""
+    table = {}
     with torch.no_grad():
-        for index, layer in enumerate(layers[:-1]):
-            if is_affine(layer):
-                shapes[index] = tuple(x.shape[1:])
-            x = layer(x)
-    return shapes
+        _walk_affine(list(model)[:-1], _probe(model, input_shape), None, table)
+    return table
+
+
+def _walk_affine(layers, x, prefix, table):
+    """Fill ``table`` along ``layers`` from the input ``x``; returns the output."""
+    for j, layer in enumerate(layers):
+        key = layer_key(prefix, j)
+        if type(layer) is Residual:
+            x = sum(_walk_affine(list(branch), x, f'{key}.{b}', table) for b, branch in enumerate(layer.branches))
+            continue
+        if is_affine(layer):
+            table[key] = (layer, tuple(x.shape[1:]))
+        x = layer(x)
+    return x
+
+
+def layer_seed(seed, key):
+    """The seed of the global-norm start of layer ``key``: ``seed + 7919 (key + 1)`` at the top (the
+    layout of every recorded run), a hash of both inside residual blocks."""
+    if isinstance(key, int):
+        return seed + 7919 * (key + 1)
+    return int.from_bytes(hashlib.blake2b(f'{seed}:{key}'.encode(), digest_size=7).digest(), 'little')
 
 
 class SingularVectorStore:
@@ -1141,7 +1273,7 @@ def lipschitz_product(state, settings, *, starts=None, store_layers=None):
     product = torch.ones(batch, device=state.centre.device, dtype=state.centre.dtype)
     starts = starts or {}
     finals = dict(state.pass_norms.finals) if state.pass_norms is not None else {}
-    norms = {}
+    norms, sigmas = {}, {}
     for rec in state.records:
         if rec.sigma is not None:
             sigma = rec.sigma
@@ -1154,8 +1286,10 @@ def lipschitz_product(state, settings, *, starts=None, store_layers=None):
             sigma, finals[rec.index] = masked_norm(rec.op, u, rec.in_mask, rec.out_mask, settings.sniter,
                                                    method=settings.method, tol=settings.tol,
                                                    grad=settings.power_grad)
-        norms[rec.index] = sigma.detach()
+        norms[rec.index], sigmas[rec.index] = sigma.detach(), sigma
         product = product * sigma
+    if state.layout is not None:
+        product = composed(state.layout, sigmas) * torch.ones_like(product)
     return product, finals, norms
 
 
@@ -1181,12 +1315,11 @@ def _global_norm_bounds(model, input_shape, settings):
     guaranteed pass: a NaN or inf parameter is refused here, where no upper bound exists; estimates
     of such a model certify nothing)."""
     check_finite_parameters(model)
-    shapes = affine_input_shapes(model, input_shape)
-    delta = settings.failure_prob / failure_events(settings, len(shapes))
-    layers = list(model)
-    return {i: guaranteed.global_norm_bound(make_operator(_exact_values(layers[i]), shape), settings.global_steps,
-                                            delta, settings.seed + 7919 * (i + 1), memo_on=layers[i])
-            for i, shape in shapes.items()}
+    table = affine_layers(model, input_shape)
+    delta = settings.failure_prob / failure_events(settings, len(table))
+    return {key: guaranteed.global_norm_bound(make_operator(_exact_values(layer), shape), settings.global_steps,
+                                              delta, layer_seed(settings.seed, key), memo_on=layer)
+            for key, (layer, shape) in table.items()}
 
 
 def _exact_values(layer):
@@ -1340,7 +1473,7 @@ def guaranteed_refined_product(model, x, y, eps, settings, index=None):
         low = math.prod(state.pass_norms.estimates.values(), start=ones)
         last_round = k + 1 == len(checks)
         if y is None:
-            done = torch.full_like(high, last_round, dtype=torch.bool) | _settled(high, low, state.records, settings)
+            done = torch.full_like(high, last_round, dtype=torch.bool) | _settled(high, low, state, settings)
         else:           # the pass's final radius is the rounded-up product of the upper bounds
             holds, column_high, done = _decided(last, y[remaining], state, state.radius,
                                                 _rigorous_radius(eps[remaining], low, len(state.records)), last_round)
@@ -1385,10 +1518,32 @@ def _merged(merged, state, rows, done, batch):
 NEGLIGIBLE = 1e-6
 
 
-def _settled(high, low, records, settings):
+def _combined(state, bounds, batch, device):
+    """(low, high) products [batch] of ``bounds`` ({layer key: (estimate, upper bound)}): in record
+    order along a plain chain, by ``composed`` along one with residual blocks."""
+    ones = torch.ones(batch, dtype=torch.float64, device=device)
+    if state.layout is not None:
+        return tuple(composed(state.layout, {k: b[side] for k, b in bounds.items()}) * ones for side in (0, 1))
+    return (math.prod((b[0] for b in bounds.values()), start=ones),
+            math.prod((b[1] for b in bounds.values()), start=ones.clone()))
+
+
+def factor_count(state):
+    """The roundings in the product of a pass's norms (``_rigorous_radius`` covers them)."""
+    return len(state.records) if state.layout is None else operation_count(state.layout)
+
+
+def global_bound(state):
+    """The product of the global norms the pass recorded (``composed`` with residual blocks)."""
+    if state.layout is not None:
+        return composed(state.layout, {rec.index: rec.global_sigma for rec in state.records})
+    return math.prod(rec.global_sigma for rec in state.records) if state.records else 1.0
+
+
+def _settled(high, low, state, settings):
     """Bool: the product's upper bound ``high`` is within ``settings.tol`` (default 1e-2) of its
     estimate ``low``, or negligible against the product of the global norms."""
-    global_product = math.prod(float(rec.global_sigma) for rec in records) if records else 1.0
+    global_product = float(global_bound(state))
     return (high <= low * (1 + (settings.tol or 1e-2))) | (high <= NEGLIGIBLE * global_product)
 
 
@@ -1431,14 +1586,12 @@ def guaranteed_local_product(state, last, y, eps, settings, index=None):
         if not remaining.numel():
             break
         bounds = runs.check(steps, delta)
-        low = math.prod((b[0] for b in bounds.values()), start=torch.ones(len(remaining), dtype=torch.float64,
-                                                                              device=device))
-        high = math.prod((b[1] for b in bounds.values()), start=torch.ones_like(low))
+        low, high = _combined(state, bounds, len(remaining), device)
         last_check = k + 1 == len(checks)
         if y is None:
-            done = torch.full_like(low, last_check, dtype=torch.bool) | _settled(high, low, state.records, settings)
+            done = torch.full_like(low, last_check, dtype=torch.bool) | _settled(high, low, state, settings)
         else:
-            factors = len(state.records)
+            factors = factor_count(state)
             holds, column_high, done = _decided(last, y[remaining], _rows_of(state, remaining),
                                                 _rigorous_radius(eps[remaining], high, factors),
                                                 _rigorous_radius(eps[remaining], low, factors), last_check)
@@ -1548,9 +1701,18 @@ def check_boundable(model):
         last = type(layers[-1]).__name__ if layers else 'nothing'
         raise BoundError(f'the last module of the model must be nn.Linear (the logits), not {last}: '
                          'an activation after the logits would void the worst-case translation')
-    for index, layer in enumerate(layers[:-1]):
-        rule_for(layer, index)
+    _check_rules(layers[:-1], None)
     check_bare_forwards(model)
+
+
+def _check_rules(layers, prefix):
+    """``rule_for`` every layer of the chain, inside residual blocks too."""
+    for j, layer in enumerate(layers):
+        key = layer_key(prefix, j)
+        rule_for(layer, key)
+        if type(layer) is Residual:
+            for b, branch in enumerate(layer.branches):
+                _check_rules(list(branch), f'{key}.{b}')
 
 
 def _named_layers(model):
@@ -1687,7 +1849,7 @@ def bound_outputs(model, x, y, eps, settings=CERTIFIED, *, store=None, index=Non
     finite = _box_finite(state) & torch.isfinite(column).all(dim=1) & torch.isfinite(product)
     column = torch.where(torch.isnan(column), torch.zeros_like(column), column)
     sparsity = state.sparsity if torch.is_tensor(state.sparsity) else logits.new_zeros(())
-    global_product = math.prod(rec.global_sigma for rec in state.records) if state.records else logits.new_ones(())
+    global_product = global_bound(state) if state.records else logits.new_ones(())
     return BoundOutput(logits, translate(logits, y, column, settings.gloro), product, sparsity, norms,
                        state.varying, global_product,
                        {rec.index: float(rec.global_sigma.detach()) for rec in state.records}, finite,
@@ -1707,7 +1869,7 @@ def _guaranteed_outputs(model, x, y, eps, settings, index):
         product, column, norms, certified = guaranteed_local_product(state, last, y, eps, settings, index)
         return product, column, norms, state, certified
     product, _, norms = lipschitz_product(state, settings)
-    certified, column = rigorous_decision(last, y, state, _rigorous_radius(eps, product, len(state.records)))
+    certified, column = rigorous_decision(last, y, state, _rigorous_radius(eps, product, factor_count(state)))
     return product, column, norms, state, certified
 
 
@@ -1802,10 +1964,9 @@ def global_lipschitz(model, *, sniter=2000, input_shape=None, precise=False):
     shape = tuple(input_shape) if input_shape is not None else infer_input_shape(model)
     model = graph.as_chain(model, shape, RULES)
     if precise:
-        return math.prod(precise_global_norms(model, shape).values())
-    layers = list(model)
-    return math.prod(float(global_spectral_norm(make_operator(layers[i], in_shape), sniter))
-                     for i, in_shape in affine_input_shapes(model, shape).items())
+        return composed(model, precise_global_norms(model, shape))
+    return composed(model, {key: float(global_spectral_norm(make_operator(layer, in_shape), sniter))
+                            for key, (layer, in_shape) in affine_layers(model, shape).items()})
 
 
 @torch.no_grad()
@@ -1813,16 +1974,16 @@ def precise_global_norms(model, input_shape):
     """{affine layer index: float64 norm converged to 1e-6} of every conv/linear layer but the last
     (``spectral.precise_global_norm``; the warm vectors are read, never moved)."""
     model = graph.as_chain(model, tuple(input_shape), RULES)
-    layers = list(model)
-    return {i: float(precise_global_norm(make_operator(layers[i], shape))[0])
-            for i, shape in affine_input_shapes(model, input_shape).items()}
+    return {key: float(precise_global_norm(make_operator(layer, shape))[0])
+            for key, (layer, shape) in affine_layers(model, input_shape).items()}
 
 
 def global_product(model, input_shape, settings):
     """The product of the global norms a report shows: guaranteed upper bounds with guaranteed
     ``settings``, else ``settings.sniter`` rounds of the warm power iteration."""
     if settings.guaranteed:
-        return math.prod(guaranteed_global_norms(model, input_shape, settings).values())
+        model = graph.as_chain(model, tuple(input_shape), RULES)
+        return composed(model, guaranteed_global_norms(model, input_shape, settings))
     return global_lipschitz(model, sniter=settings.sniter, input_shape=input_shape)
 
 

@@ -98,6 +98,24 @@ class LinearResidual(ConvLike):
         return x + self.conv(x)
 
 
+class Residual(nn.Module):
+    """A residual block ``shortcut(x) + f(x)``: ``f`` and ``shortcut`` are ``nn.Sequential`` chains
+    (an empty ``shortcut``, the default, is the identity). The bound pass composes it as
+    ``||J_shortcut|| + ||J_f||`` with the masks inside each branch (docs/graphs.md)."""
+
+    def __init__(self, f, shortcut=None):
+        super().__init__()
+        self.f = f if isinstance(f, nn.Sequential) else nn.Sequential(f)
+        self.shortcut = nn.Sequential() if shortcut is None else shortcut
+
+    @property
+    def branches(self):
+        return (self.shortcut, self.f)
+
+    def forward(self, x):
+        return self.shortcut(x) + self.f(x)
+
+
 def same_size_problem(conv):
     """Why ``x + conv(x)`` is not one Conv2d of the same geometry ('' when it is)."""
     if type(conv) is not nn.Conv2d:
@@ -214,6 +232,25 @@ def build_liresnet(input_shape, width, blocks, hidden, classes, activation):
     return model
 
 
+def build_resnet(input_shape, width, blocks, hidden, classes, activation):
+    """A small ResNet without BatchNorm: stem Conv2d(3x3), ``blocks`` blocks ``x + conv(act(conv(x)))``
+    (``Residual``) each followed by ``activation``, then the neck and head of ``build_liresnet``."""
+    channels, height, width_px = input_shape
+    shape = [1, width, height, width_px]
+    layers = [nn.Conv2d(channels, width, 3, padding=1), activation(shape, 0)]
+    for k in range(blocks):
+        f = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), activation(shape, 2 * k + 1),
+                          nn.Conv2d(width, width, 3, padding=1))
+        layers += [Residual(f), activation(shape, 2 * k + 2)]
+    height, width_px = _conv_out(height, 4, 2, 1), _conv_out(width_px, 4, 2, 1)
+    layers += [nn.Conv2d(width, width, 4, stride=2, padding=1), activation([1, width, height, width_px], 2 * blocks + 1),
+               Flatten(), nn.Linear(width * height * width_px, hidden), activation([1, hidden], 2 * blocks + 2),
+               nn.Linear(hidden, classes)]
+    model = nn.Sequential(*layers)
+    init_conv_weights(model)
+    return model
+
+
 def _model_table():
     """(data, name) -> builder(init). The 4C3F ReLU_x models always start at threshold 1.0."""
     mnist, cifar, tiny = (data_load.input_shape(name) for name in ('mnist', 'cifar10', 'tinyimagenet'))
@@ -227,6 +264,8 @@ def _model_table():
             cifar, CIFAR_6C, [512, 10], maxmin_activation(CIFAR_6C_MAXMIN)),
         ('mnist', 'liresnet'): lambda init: build_liresnet(mnist, 16, 4, 128, 10, relux_activation(init)),
         ('cifar10', 'liresnet'): lambda init: build_liresnet(cifar, 32, 6, 256, 10, relux_activation(init)),
+        ('mnist', 'resnet'): lambda init: build_resnet(mnist, 16, 2, 128, 10, relux_activation(init)),
+        ('cifar10', 'resnet'): lambda init: build_resnet(cifar, 32, 3, 256, 10, relux_activation(init)),
         ('tinyimagenet', 'tinyimagenet_relux'): lambda init: build_sequential(
             tiny, TINY_8C, [256, 200], relux_activation(init)),
         ('tinyimagenet', 'tiny_clmaxmin'): lambda init: build_sequential(
