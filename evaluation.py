@@ -143,7 +143,7 @@ def evaluate_certified(model, loader, args, runtime, eps, store=None):
         input_shape = x.shape[1:]
         for layer, fraction in getattr(out, 'varying', {}).items():
             varying[layer] = varying.get(layer, 0.0) + float(fraction.sum())
-    layers = sorted(varying)
+    layers = sorted(varying, key=local_bound.key_order)
     # computed once, on the main process, and only when a batch gave the input shape
     global_product = (logged_global_product(model, input_shape, bound_settings(args, training=False))
                       if runtime.is_main and input_shape is not None else 0.0)

@@ -783,6 +783,11 @@ def composed(layers, values, prefix=None):
     return total
 
 
+def key_order(key):
+    """A sort key putting layer keys (``3``, ``'4.1.0'``) in pass order."""
+    return tuple(int(part) for part in str(key).split('.'))
+
+
 def has_sums(model):
     """True when the chain holds a residual block (its product is then ``composed``)."""
     return any(type(layer) is Residual for layer in model)
@@ -1157,11 +1162,11 @@ class SingularVectorStore:
                  dtype=torch.float32, pin_memory=False, owned=None, seed=None):
         shapes = affine_input_shapes(model, input_shape)
         if layers is not None:
-            unknown = sorted(set(layers) - set(shapes))
+            unknown = sorted(set(layers) - set(shapes), key=key_order)
             if unknown:
                 raise ValueError(f'--indices {unknown} are not conv/linear layers before the last; '
-                                 f'choose from {sorted(shapes)}')
-            shapes = {i: shapes[i] for i in sorted(layers)}
+                                 f'choose from {list(shapes)}')
+            shapes = {i: shapes[i] for i in sorted(layers, key=key_order)}
         self.shapes, self.device, self.dtype = shapes, torch.device(device), dtype
         self.num_examples = num_examples
         self.position = None

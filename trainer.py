@@ -359,7 +359,7 @@ def _log_start(args, runtime, logger, run):
         if store is not None:
             report(f'{name} singular-vector store on rank {runtime.rank}: {store.num_owned:,} examples, '
                    f'{store.nbytes / 2**20:.1f} MiB on {store.device} ({str(store.dtype).split(".")[-1]}), '
-                   f'layers {sorted(store.shapes)}')
+                   f'layers {list(store.shapes)}')
     if args.save and any(s is not None for s in run.stores):
         logger.info(f'per-example stores kept with every checkpoint in {args.prefix}_store.pth ({run.policy.reason})'
                     if run.policy.keep else
