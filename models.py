@@ -262,10 +262,10 @@ def _model_table():
         ('cifar10', 'standrelu'): lambda init: build_sequential(cifar, CIFAR_6C, [512, 10], standard_relu),
         ('cifar10', 'c6f2_clmaxmin'): lambda init: build_sequential(
             cifar, CIFAR_6C, [512, 10], maxmin_activation(CIFAR_6C_MAXMIN)),
-        ('mnist', 'liresnet'): lambda init: build_liresnet(mnist, 16, 4, 128, 10, relux_activation(init)),
-        ('cifar10', 'liresnet'): lambda init: build_liresnet(cifar, 16, 4, 256, 10, relux_activation(init)),
-        ('mnist', 'resnet'): lambda init: build_resnet(mnist, 16, 2, 128, 10, relux_activation(init)),
-        ('cifar10', 'resnet'): lambda init: build_resnet(cifar, 16, 2, 256, 10, relux_activation(init)),
+        ('mnist', 'liresnet'): lambda init: build_liresnet(mnist, 16, 4, 128, 10, standard_relu),
+        ('cifar10', 'liresnet'): lambda init: build_liresnet(cifar, 16, 4, 256, 10, standard_relu),
+        ('mnist', 'resnet'): lambda init: build_resnet(mnist, 16, 2, 128, 10, standard_relu),
+        ('cifar10', 'resnet'): lambda init: build_resnet(cifar, 16, 2, 256, 10, standard_relu),
         ('tinyimagenet', 'tinyimagenet_relux'): lambda init: build_sequential(
             tiny, TINY_8C, [256, 200], relux_activation(init)),
         ('tinyimagenet', 'tiny_clmaxmin'): lambda init: build_sequential(
