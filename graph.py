@@ -150,9 +150,6 @@ def bias_size(bias, bn):
     return size + bn.bias.abs() if bn.affine else size
 
 
-FOLDED_TYPES = (FoldedConv, FoldedLinear, ChannelScale, PoolConv, LinearResidual)
-
-
 # ----------------------------------------------------------------------------- tracing
 
 def as_chain(model, input_shape, rules):
@@ -196,12 +193,13 @@ class _Tracer(fx.Tracer):
         self.rules = rules
 
     def is_leaf_module(self, module, qualified_name):
-        """Leaves: layers with rules, torch's own layers, and subclasses of either (a subclass may
-        compute something else: kept whole, it is refused by name instead of traced)."""
+        """Leaves: layers with rules, torch's own layers, ConvLike maps, and subclasses of these (a
+        subclass may compute something else: kept whole, it is refused by name instead of traced)."""
         if type(module) in (nn.Sequential, nn.ModuleList, Residual):
             return False                # traced through: a Residual's sum becomes a rewritten block
         return (type(module) in self.rules or super().is_leaf_module(module, qualified_name)
-                or any(isinstance(module, cls) for cls in self.rules) or _subclasses_torch_layer(module))
+                or any(isinstance(module, cls) for cls in self.rules) or isinstance(module, ConvLike)
+                or _subclasses_torch_layer(module))
 
 
 def _subclasses_torch_layer(module):

@@ -141,3 +141,10 @@ LANCZOS = BoundSettings(method='lanczos')
 AUTHORS = BoundSettings(method='power', translation='iterative')
 TRAINING = BoundSettings(method='power', sniter=1, translation='iterative', opt_iter=1)
 PRESETS = {'guaranteed': CERTIFIED, 'lanczos': LANCZOS, 'authors': AUTHORS}
+
+
+def checked_settings(settings):
+    """``settings`` with a seed (``BoundSettings.seeded``: a secret one drawn now when it has none)."""
+    if not isinstance(settings, BoundSettings):
+        raise TypeError(f'expected a settings.BoundSettings, not {type(settings).__name__}')
+    return settings.seeded()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import data_load
+import interval_steps
 import loaders
 import local_bound as lb
 import models
@@ -201,7 +202,7 @@ def test_fused_intersection_gradcheck():
     mid, rad = _no_ties(2, 3, 4, 4), _no_ties(2, 3, 4, 4).abs()
     centre, ball = _no_ties(2, 3, 4, 4), _no_ties(2, 3, 1, 1).abs()
     inputs = [t.requires_grad_() for t in (mid, rad, centre, ball)]
-    assert torch.autograd.gradcheck(lambda *a: lb._BallBoxIntersection.apply(*a), inputs)
+    assert torch.autograd.gradcheck(lambda *a: lb.BallBoxIntersection.apply(*a), inputs)
 
 
 @pytest.mark.parametrize('with_theta', [True, False])
@@ -212,9 +213,9 @@ def test_fused_clip_step_gradcheck_and_values(with_theta):
     theta = _no_ties(1, 10).abs() if with_theta else None
     args = [t.requires_grad_() for t in (lower, upper, centre, radius)] + [
         theta.requires_grad_() if with_theta else None]
-    assert torch.autograd.gradcheck(lambda *a: lb._ClippedBallStep.apply(*a), args)
+    assert torch.autograd.gradcheck(lambda *a: lb.ClippedBallStep.apply(*a), args)
     act = (lambda t: models.relu_x(t, theta)) if with_theta else F.relu
-    got = lb._ClippedBallStep.apply(*args)
+    got = lb.ClippedBallStep.apply(*args)
     r = radius.view(-1, 1)
     want = (act(torch.maximum(lower, centre - r)), act(torch.minimum(upper, centre + r)), act(centre))
     for g, w in zip(got, want):
@@ -223,8 +224,8 @@ def test_fused_clip_step_gradcheck_and_values(with_theta):
 
 def test_pick_gradcheck_with_broadcast():
     a, b = _no_ties(2, 4, 3, 3).requires_grad_(), _no_ties(1, 4, 3, 3).requires_grad_()
-    assert torch.autograd.gradcheck(lambda p, q: lb._larger(p, q), (a, b))
-    assert torch.autograd.gradcheck(lambda p, q: lb._smaller(p, q), (a, b))
+    assert torch.autograd.gradcheck(lambda p, q: lb.larger(p, q), (a, b))
+    assert torch.autograd.gradcheck(lambda p, q: lb.smaller(p, q), (a, b))
 
 
 @pytest.mark.skipif(not os.environ.get('LOCALLIP_SLOW_TESTS'),
@@ -340,9 +341,9 @@ def test_store_dtype_defaults():
 
 def test_compiled_kernels_mode_is_scoped():
     """The compiled mode holds only inside its block, and comes back after an exception."""
-    assert not lb._compiling[0]
+    assert not interval_steps._compiling[0]
     with pytest.raises(RuntimeError):
         with lb.compiled_kernels(True):
-            assert lb._compiling[0]
+            assert interval_steps._compiling[0]
             raise RuntimeError('inside')
-    assert not lb._compiling[0]
+    assert not interval_steps._compiling[0]

@@ -333,3 +333,11 @@ def test_the_boxes_after_a_residual_block_contain_the_attacked_features(make, ep
         state = lb.propagate(net, x, eps, settings)
         low, high = extreme_features(net, x, eps)
         assert (state.lower[0].double() <= low + 1e-12).all() and (high <= state.upper[0].double() + 1e-12).all()
+
+
+def test_a_batchnorm_with_nan_statistics_is_one_line():
+    net = randomised(TinyResNet()).float()
+    with torch.no_grad():
+        net.layer1[0].bn2.running_var[1] = float('nan')
+    with pytest.raises(lb.BoundError, match=r'layer 2 \(Residual\): statistic f\.2\.bn\.running_var holds NaN'):
+        lb.certify(net, torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), 0.1)

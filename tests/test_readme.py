@@ -78,6 +78,13 @@ def test_install_lines_name_files_that_exist_and_the_test_line_is_ci():
     assert 'python3 -m pytest -q\n' in (ROOT / '.ci' / 'run').read_text()
 
 
+def test_pip_install_e_installs_every_top_level_module():
+    """``pip install -e .`` installs the modules pyproject.toml lists: every top-level one."""
+    listed = set(re.findall(r'"(\w+)"', re.search(r'py-modules = \[(.*?)\]', (ROOT / 'pyproject.toml').read_text(),
+                                                   re.S).group(1)))
+    assert listed == {path.stem for path in ROOT.glob('*.py')}
+
+
 def test_quick_start_flags_parse_and_its_two_commands_fit_together():
     train_argv = shlex.split(QUICK_TRAIN)[2:]
     args = train_mnist.parse(argv=train_argv)
