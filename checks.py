@@ -5,6 +5,7 @@ import math
 import torch
 import torch.nn as nn
 
+import folded
 import graph
 import spectral
 from composition import layer_key
@@ -87,7 +88,7 @@ def _output_shape(layer, shape, where, batch_shape):
     def refuse(wanted, hint=''):
         raise BoundError(f'{where} takes [B, {", ".join(map(str, wanted))}], here {list(shape)}{hint}')
     batched_3d = batch_shape is not None and len(batch_shape) == 3
-    if isinstance(layer, (nn.Linear, graph.FoldedLinear)):
+    if isinstance(layer, (nn.Linear, folded.FoldedLinear)):
         if shape != (layer.in_features,):
             rank = len(batch_shape) if batch_shape is not None else 0
             refuse((layer.in_features,), ' (one unbatched example? pass x.unsqueeze(0))' if rank == 1 else

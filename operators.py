@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import graph
+import folded
 from models import LinearResidual
 
 
@@ -118,8 +118,8 @@ def _root(squares):
     return squares.clamp(min=1e-36).sqrt()
 
 
-OPERATORS = {nn.Conv2d: ConvOperator, nn.Linear: LinearOperator, graph.FoldedLinear: LinearOperator,
-             **{cls: ConvOperator for cls in (LinearResidual, graph.FoldedConv, graph.ChannelScale, graph.PoolConv)}}
+OPERATORS = {nn.Conv2d: ConvOperator, nn.Linear: LinearOperator, folded.FoldedLinear: LinearOperator,
+             **{cls: ConvOperator for cls in (LinearResidual, folded.FoldedConv, folded.ChannelScale, folded.PoolConv)}}
 
 
 def make_operator(layer, in_shape):
