@@ -17,12 +17,18 @@ for:
 * ``empirical``: empirical local Lipschitzness (both search directions) of every test example
   against its certified bound on the same ratio.
 
+``bound_ratio_figure`` draws ``experiments/bounds.py``'s per-example local and refined over global
+bound against eps (its own CSV). Curves that lie on top of each other are named in the legend's
+title (``coincidence_note``).
+
 Every figure function returns its matplotlib Figure; the plotted series are the CSV values.
 """
 import csv
+import itertools
 import json
 import os
 import sys
+import textwrap
 from dataclasses import dataclass, field
 
 import matplotlib
@@ -31,11 +37,15 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.transforms import ScaledTranslation  # noqa: E402
 
 import utils  # noqa: E402
 
 HISTOGRAM_BINS = 30
 CURVE_POINTS = 201
+COINCIDE_POINTS = 1.0       # certified-accuracy curves this close (percentage points) are said to coincide
+RATIO_MIN_SPAN = 0.03       # the tightness histogram spans at least this much of the ratio (bins of 0.001)
+VARYING_TOLERANCE = 0.01    # varying-neuron fractions this close (2 px on the 0-1 axis) are said to coincide
 
 
 @dataclass
@@ -133,9 +143,16 @@ def _legend_or_note(ax, note):
         ax.text(0.5, 0.5, note, transform=ax.transAxes, ha='center', va='center', color='grey')
 
 
-def _bin_edges(values):
-    """HISTOGRAM_BINS equal bins over the range of ``values`` (widened a little when they are all equal)."""
+def _bin_edges(values, min_span=0.0):
+    """HISTOGRAM_BINS equal bins over the range of ``values`` (widened a little when they are all equal).
+    Values spanning less than ``min_span`` get bins of ``min_span / HISTOGRAM_BINS`` at multiples of
+    their width over about ``min_span`` around the values: differences far below a bin are not
+    magnified, and a value just above 1 is not drawn left of 1."""
     low, high = float(values.min()), float(values.max())
+    if high - low < min_span:
+        width, centre = min_span / HISTOGRAM_BINS, (low + high) / 2
+        first, last = np.floor((centre - min_span / 2) / width), np.ceil((centre + min_span / 2) / width)
+        return np.arange(first, last + 1) * width
     pad = 0.02 * (high - low) or 0.01 * max(abs(high), 1e-12)
     return np.linspace(low - pad, high + pad, HISTOGRAM_BINS + 1)
 
@@ -165,19 +182,55 @@ def correct_column(radius_table):
     return radius_table['prediction'] == radius_table['label']
 
 
-LINE_STYLES = ('-', '--', '-.', ':')
+LINE_STYLES = ('-', '--', '-.', ':', (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)))
 MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X')
+MARKER_SPACING = CURVE_POINTS // 10
 
 
 def _style(k):
-    """Line style and marker of the k-th curve: curves that coincide stay told apart."""
+    """Line style and marker of the k-th curve: curves that coincide stay told apart (the markers of
+    different curves fall on different points of the shared x grid)."""
     return dict(linestyle=LINE_STYLES[k % len(LINE_STYLES)], marker=MARKERS[k % len(MARKERS)], markersize=5,
-                markevery=(3 * k % CURVE_POINTS // 20, CURVE_POINTS // 10), linewidth=1.6)
+                markevery=(k * MARKER_SPACING // len(MARKERS), MARKER_SPACING), linewidth=1.6)
 
 
-def _legend_below(ax, columns):
-    """The legend under the axes, where it covers no curve."""
-    ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.16), ncol=columns, fontsize=8, frameon=False)
+def coinciding(curves, tolerance=0.0):
+    """Groups (lists of names, two or more, in drawing order) of the curves ``{name: y array}`` of one
+    shape that lie within ``tolerance`` of the group's first curve at every point."""
+    groups = []
+    for name, y in curves.items():
+        for group in groups:
+            first = curves[group[0]]
+            if first.shape == y.shape and np.nanmax(np.abs(first - y), initial=0.0) <= tolerance:
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return [group for group in groups if len(group) > 1]
+
+
+def coincidence_note(curves, tolerance=0.0, width=90):
+    """Text telling the reader which curves lie on top of each other (``coinciding``), or None."""
+    lines = []
+    for group in coinciding(curves, tolerance):
+        gap = max(np.nanmax(np.abs(curves[a] - curves[b]), initial=0.0) for a, b in itertools.combinations(group, 2))
+        how = 'identical' if gap == 0 else f'within {gap:.2g} of each other'
+        lines.append(textwrap.fill(f"{how}, drawn on top of each other: {' = '.join(group)}", width))
+    return '\n'.join(lines) or None
+
+
+LEGEND_DROP_PT = 40    # the legend's top this far below the axes: under the tick labels and the x label
+
+
+def _legend_below(ax, columns, note=None):
+    """The legend under the axes (and their x label), where it covers no curve; ``note`` (e.g.
+    ``coincidence_note``) as its title."""
+    below = ax.transAxes + ScaledTranslation(0, -LEGEND_DROP_PT / 72, ax.figure.dpi_scale_trans)
+    legend = ax.legend(loc='upper center', bbox_to_anchor=(0.5, 0), bbox_transform=below, ncol=columns,
+                       fontsize=8, frameon=False, title=note, title_fontsize=8)
+    if note:
+        legend.get_title().set_color('dimgrey')
+    return legend
 
 
 def certified_accuracy_figure(runs):
@@ -187,10 +240,9 @@ def certified_accuracy_figure(runs):
     evals = sorted({run.args['epsilon'] for run in runs if 'epsilon' in run.args})
     top = max([float(np.nanmax(run.radius['radius'])) for run in runs] + evals + [0.0])
     eps = np.linspace(0.0, 1.05 * top if top > 0 else 1.0, CURVE_POINTS)
+    curves = {run.name: 100 * certified_fraction(run.radius['radius'], eps, correct_column(run.radius)) for run in runs}
     for k, run in enumerate(runs):
-        radii = run.radius['radius']
-        ax.plot(eps, 100 * certified_fraction(radii, eps, correct_column(run.radius)),
-                label=f'{run.name} ({len(radii)} examples)', **_style(k))
+        ax.plot(eps, curves[run.name], label=f"{run.name} ({len(run.radius['radius'])} examples)", **_style(k))
     for value in evals:
         ax.axvline(value, color='grey', linestyle=':', linewidth=1)
         ax.annotate(f'eval eps {value:.3g}', (value, 100), xytext=(-3, -12), textcoords='offset points',
@@ -199,7 +251,7 @@ def certified_accuracy_figure(runs):
     ax.set_ylabel('certified accuracy (% of test examples)')
     ax.set_ylim(0, 102)
     ax.grid(alpha=0.3)
-    _legend_below(ax, columns=1)
+    _legend_below(ax, columns=1, note=coincidence_note(curves, COINCIDE_POINTS))
     ax.set_title(f'Certified accuracy vs radius\n{describe(runs)}', fontsize=10)
     fig.tight_layout()
     return fig
@@ -218,40 +270,59 @@ def tightness_figure(runs):
     per test example at the evaluation eps (radius CSV: ``local_bound_eps`` over ``global_bound``,
     both guaranteed upper bounds), right."""
     fig, (over_time, spread) = plt.subplots(1, 2, figsize=(11, 4.6))
-    for k, run in enumerate(_with(runs, 'metrics', 'lip_ratio_median')):
-        m = run.metrics
-        over_time.plot(*_finite(m['epoch'], m['lip_ratio_median']), **{**_style(k), 'markevery': 1},
-                       label=_with_bound(run.name, m))
-    over_time.axhline(1.0, color='grey', linestyle=':', linewidth=1)
-    _epoch_axis(over_time)
-    over_time.set_ylabel('median local (or refined) / global bound\n(converged values; 1 = no gain)')
-    over_time.set_title('during training, first test examples\n(converged Lanczos over converged global)', fontsize=10)
-    over_time.grid(alpha=0.3)
-    evaluated = [r for r in _with(runs, 'radius', 'local_bound_eps') if 'global_bound' in r.radius]
-    ratios = {_with_bound(run.name, run.radius): _finite_values(run.radius['local_bound_eps'] / run.radius['global_bound'])
-              for run in evaluated}
-    if ratios:
-        edges = _bin_edges(np.concatenate(list(ratios.values())))
-        for k, (name, ratio) in enumerate(ratios.items()):
-            counts, _ = np.histogram(ratio, bins=edges)
-            spread.plot(edges, np.append(counts, counts[-1]), drawstyle='steps-post',
-                        linestyle=LINE_STYLES[k % len(LINE_STYLES)], linewidth=1.6,
-                        label=f'{name} (median {np.median(ratio):.3f})')
-        spread.axvline(1.0, color='grey', linestyle=':', linewidth=1)
-    spread.set_xlabel('local (or refined) / global bound at the evaluation eps')
-    spread.set_ylabel('test examples (count per bin)')
-    spread.set_title('after training, per test example\n(both guaranteed upper bounds, each within 1% of its '
-                     'estimate)', fontsize=10)
-    spread.grid(alpha=0.3)
+    notes = {over_time: _ratio_over_training(over_time, runs), spread: _ratio_histogram(spread, runs)}
     for ax, note in ((over_time, 'no per-epoch ratios\n(train with --tightness N)'),
                      (spread, 'no per-example bounds\n(radius CSV: local_bound_eps)')):
         if any(not line.get_label().startswith('_') for line in ax.get_lines()):
-            _legend_below(ax, columns=1)
+            _legend_below(ax, columns=1, note=notes[ax])
         else:
             ax.text(0.5, 0.5, note, transform=ax.transAxes, ha='center', va='center', color='grey')
     fig.suptitle(f'Tightness of the local Lipschitz bound\n{describe(runs)}', fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _ratio_over_training(ax, runs):
+    """Left panel of ``tightness_figure``: ``lip_ratio_median`` per epoch; the coincidence note."""
+    curves = {}
+    for k, run in enumerate(_with(runs, 'metrics', 'lip_ratio_median')):
+        epochs, ratio = _finite(run.metrics['epoch'], run.metrics['lip_ratio_median'])
+        name = _with_bound(run.name, run.metrics)
+        ax.plot(epochs, ratio, **{**_style(k), 'markevery': 1}, label=name)
+        curves[name] = ratio
+    ax.axhline(1.0, color='grey', linestyle=':', linewidth=1)
+    _epoch_axis(ax)
+    ax.ticklabel_format(axis='y', useOffset=False)
+    ax.set_ylabel('median local (or refined) / global bound\n(converged values; 1 = no gain)')
+    ax.set_title('during training, first test examples\n(converged Lanczos over converged global)', fontsize=10)
+    ax.grid(alpha=0.3)
+    return coincidence_note(curves)
+
+
+def _ratio_histogram(ax, runs):
+    """Right panel of ``tightness_figure``: histogram per run of ``local_bound_eps / global_bound``
+    (at least ``RATIO_MIN_SPAN`` wide); the note naming identical histograms."""
+    evaluated = [r for r in _with(runs, 'radius', 'local_bound_eps') if 'global_bound' in r.radius]
+    ratios = {_with_bound(run.name, run.radius): _finite_values(run.radius['local_bound_eps'] / run.radius['global_bound'])
+              for run in evaluated}
+    counts, label = {}, 'local (or refined) / global bound at the evaluation eps'
+    if ratios:
+        edges = _bin_edges(np.concatenate(list(ratios.values())), RATIO_MIN_SPAN)
+        label += f' (bins of {edges[1] - edges[0]:.2g})'
+        for k, (name, ratio) in enumerate(ratios.items()):
+            counts[name], _ = np.histogram(ratio, bins=edges)
+            ax.plot(edges, np.append(counts[name], counts[name][-1]), drawstyle='steps-post',
+                    linestyle=LINE_STYLES[k % len(LINE_STYLES)], linewidth=1.6,
+                    label=f'{name} (median {np.median(ratio):.3f})')
+        ax.axvline(1.0, color='grey', linestyle=':', linewidth=1)
+    ax.ticklabel_format(axis='x', useOffset=False)
+    ax.set_xlabel(label)
+    ax.set_ylabel('test examples (count per bin)')
+    ax.set_title('after training, per test example\n(both guaranteed upper bounds, each within 1% of its '
+                 'estimate)', fontsize=10)
+    ax.grid(alpha=0.3)
+    note = coincidence_note({f'{name} histogram': c for name, c in counts.items()})
+    return note and note.replace('drawn on top', 'steps drawn on top')
 
 
 def loss_figure(runs):
@@ -278,21 +349,40 @@ def varying_columns(metrics):
 def varying_figure(runs):
     """Fraction of varying neurons per activation layer over training: one panel per run."""
     runs = [r for r in runs if r.metrics is not None and varying_columns(r.metrics)]
-    fig, axes = plt.subplots(1, max(1, len(runs)), figsize=(5.5 * max(1, len(runs)), 4.2), sharey=True,
+    fig, axes = plt.subplots(1, max(1, len(runs)), figsize=(5.5 * max(1, len(runs)), 4.6), sharey=True,
                              squeeze=False)
     for ax, run in zip(axes[0], runs):
-        for column in varying_columns(run.metrics):
-            ax.plot(*_finite(run.metrics['epoch'], run.metrics[column]), marker='.',
-                    label=f"layer {column.split('_')[1]}")
-        ax.set_title(run.name, fontsize=10)
-        _epoch_axis(ax)
-        ax.set_ylim(0, 1.05)
-        ax.grid(alpha=0.3)
-        ax.legend(title='activation (module index)', fontsize=8)
+        _varying_panel(ax, run)
     axes[0][0].set_ylabel('varying neurons (fraction of the layer, test pass)')
     fig.suptitle(f'Neurons that can change inside the eps-ball\n{describe(runs)}', fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _varying_panel(ax, run):
+    """One run's ``varying_<i>`` columns per epoch, the legend (and which layers coincide) below."""
+    curves = {}
+    for k, column in enumerate(varying_columns(run.metrics)):
+        epochs, fraction = _finite(run.metrics['epoch'], run.metrics[column])
+        name = f"layer {column.split('_')[1]}"
+        ax.plot(epochs, fraction, **{**_style(k), 'markevery': 1}, label=name)
+        curves[name] = fraction
+    ax.set_title(run.name, fontsize=10)
+    _epoch_axis(ax)
+    ax.set_xlabel(_test_eps_label(run.metrics))
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    note = coincidence_note(curves, VARYING_TOLERANCE, width=60)
+    _legend_below(ax, columns=3, note='activation (module index)' + (f'\n{note}' if note else ''))
+
+
+def _test_eps_label(metrics):
+    """'epoch (test pass at eps a to b)' from the metrics' ``test_eps`` column, else 'epoch'."""
+    values = _finite_values(metrics.get('test_eps', np.array([])))
+    if not len(values):
+        return 'epoch'
+    low, high = values.min(), values.max()
+    return f'epoch (test pass at eps {low:.3g})' if low == high else f'epoch (test pass at eps {low:.3g} to {high:.3g})'
 
 
 def empirical_figure(runs):
@@ -322,6 +412,47 @@ def empirical_figure(runs):
     _legend_or_note(ax, 'no certified bounds (lipschitz CSV: certified_bound)')
     ax.set_title(f"Empirical local Lipschitzness vs certified bound ({'; '.join(sorted(norms))})\n"
                  f'{describe(runs)}', fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def ratio_quantiles(rows, bound):
+    """Per eps (sorted) of the rows with ``bound``: arrays (eps, median, 10%, 90% quantile) of ``ratio``."""
+    eps = np.array(sorted({row['eps'] for row in rows if row['bound'] == bound}))
+    values = [np.array([row['ratio'] for row in rows if row['bound'] == bound and row['eps'] == e]) for e in eps]
+    return (eps, *(np.array([np.quantile(v, q) for v in values]) for q in (0.5, 0.1, 0.9)))
+
+
+RATIO_BOUNDS = (('local', dict(linestyle='-', marker='o')), ('refined', dict(linestyle='--', marker='x')))
+RATIO_TOLERANCE = 0.005     # median bound-ratio curves this close are said to coincide
+
+
+def bound_ratio_figure(ratios, subtitle):
+    """Median (line) and 10-90% range (band) over the test examples of the local and the refined
+    bound over the global one, against eps. ``ratios``: {training name: rows with ``eps``, ``bound``
+    ('local' or 'refined') and ``ratio``} (``experiments/bounds.py``: converged Lanczos estimates over
+    the converged global product, like with like). One colour per training; local solid with
+    circles, refined dashed with crosses."""
+    fig, ax = plt.subplots(figsize=(6.5, 5.8))
+    colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    medians = {}
+    for colour, (trained, rows) in zip(colours, ratios.items()):
+        for bound, style in RATIO_BOUNDS:
+            eps, median, low, high = ratio_quantiles(rows, bound)
+            name = f'{trained}, {bound} bound'
+            ax.plot(eps, median, color=colour, markersize=5, linewidth=1.6, label=name, **style)
+            ax.fill_between(eps, low, high, color=colour, alpha=0.08)
+            medians[name] = median
+    ax.set_xscale('log')
+    ax.axhline(1.0, color='grey', linestyle=':', linewidth=1)
+    ax.set_xlabel('L2 radius eps (log scale)')
+    ax.set_ylabel('bound / global bound (median; band: 10-90% of examples)')
+    lowest = min((min(row['ratio'] for row in rows) for rows in ratios.values() if rows), default=0.0)
+    ax.set_ylim(max(0.0, lowest - 0.05), 1.02)
+    ax.grid(alpha=0.3)
+    _legend_below(ax, columns=2, note=coincidence_note(medians, RATIO_TOLERANCE, width=80))
+    ax.set_title('Local and refined bound over the global one, per test example\n(converged Lanczos estimates '
+                 f'over the converged global product)\n{subtitle}', fontsize=10)
     fig.tight_layout()
     return fig
 

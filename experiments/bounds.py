@@ -213,33 +213,6 @@ def bound_ratios(args, prefix, test_set):
     return rows
 
 
-def ratio_figure(args, ratios, path):
-    """Median (line) and 10-90% range (band) of bound / global over the test images against eps,
-    one colour per training bound, solid for the local bound, dashed for the refined one."""
-    fig, ax = plots.plt.subplots(figsize=(6.5, 4.2))
-    for colour, (trained, rows) in zip(plots.plt.rcParams['axes.prop_cycle'].by_key()['color'], ratios.items()):
-        for bound, style in (('local', '-'), ('refined', '--')):
-            eps = sorted({r['eps'] for r in rows if r['bound'] == bound})
-            values = [np.array([r['ratio'] for r in rows if r['bound'] == bound and r['eps'] == e]) for e in eps]
-            ax.plot(eps, [np.median(v) for v in values], style, color=colour, marker='.',
-                    label=f'{trained}-trained, {bound} bound')
-            ax.fill_between(eps, [np.quantile(v, 0.1) for v in values], [np.quantile(v, 0.9) for v in values],
-                            color=colour, alpha=0.08)
-    ax.set_xscale('log')
-    ax.axhline(1.0, color='grey', linestyle=':', linewidth=1)
-    ax.set_xlabel('L2 radius eps (log scale)')
-    ax.set_ylabel('bound / global bound (median; band: 10-90%)')
-    low = min(min(r['ratio'] for r in rows) for rows in ratios.values())
-    ax.set_ylim(max(0.0, low - 0.05), 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f'Local and refined bound over the global one, per test image\n{args.model} on {args.data}, '
-                 f'{args.test} held-out images', fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plots.plt.close(fig)
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -260,8 +233,11 @@ def main(argv=None):
     print('\n'.join(lines))
     written = write_figures(args, table)
     ratios = {b: bound_ratios(args, Path(args.out) / 'pretrained' / f'{b}_{args.model}', test_set) for b in args.bounds}
-    ratio_figure(args, ratios, Path(args.out) / 'figures' / 'bound_ratio.png')
-    print('figures:', ', '.join(written + [str(Path(args.out) / 'figures' / 'bound_ratio.png')]))
+    figure = plots.bound_ratio_figure({f'{b}-trained': rows for b, rows in ratios.items()},
+                                      f'{args.model} on {args.data}, {args.test} held-out images')
+    written += plots.save_figure(figure, str(Path(args.out) / 'figures'), 'bound_ratio')
+    plots.plt.close(figure)
+    print('figures:', ', '.join(written))
 
 
 SHOWN_PAIRS = (('global', 'global'), ('local', 'local'), ('local', 'global'), ('refined', 'refined'),

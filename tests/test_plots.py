@@ -87,8 +87,10 @@ def test_certified_accuracy_curve_is_the_csv(two_runs):
         assert curve.get_ydata()[0] == pytest.approx(100 * np.mean(radii >= 0))
     local, glob = line(ax, 'local'), line(ax, 'global')            # coinciding curves stay told apart
     assert (local.get_linestyle(), local.get_marker()) != (glob.get_linestyle(), glob.get_marker())
+    fig.canvas.draw()                                               # the x label's extent is known after a draw
     legend = ax.get_legend().get_window_extent(fig.canvas.get_renderer())
     assert legend.y1 <= ax.get_window_extent(fig.canvas.get_renderer()).y0     # below the axes: covers no curve
+    assert legend.y1 <= ax.xaxis.label.get_window_extent(fig.canvas.get_renderer()).y0     # and below its label
     assert 'relux on mnist' in fig.axes[0].get_title() and '1.58' in fig.axes[0].get_title()
 
 
@@ -169,3 +171,68 @@ def test_read_csv_keeps_word_columns_and_the_curve_starts_at_clean_accuracy(tmp_
     curve = plots.certified_fraction(table['radius'], np.array([0.0, 0.1, 0.3]), plots.correct_column(table))
     assert curve.tolist() == [0.75, 0.5, 0.25]
     assert plots._with_bound('run', table) == 'run [refined bound]'
+
+
+def test_curves_on_top_of_each_other_are_named_and_their_markers_differ(two_runs, tmp_path):
+    """A run certified twice with the same radii draws two identical curves: the legend's title says
+    so, and their markers fall on different radii (the one drawn last hides neither)."""
+    copy = tmp_path / 'copy_relux'
+    for ext in ('_radius.csv', '_args.json'):
+        (tmp_path / f'copy_relux{ext}').write_bytes(open(two_runs[0] + ext, 'rb').read())
+    runs = [plots.load_run(two_runs[0], 'local'), plots.load_run(two_runs[1], 'global'),
+            plots.load_run(str(copy), 'again')]
+    ax = plots.certified_accuracy_figure(runs).axes[0]
+    title = ax.get_legend().get_title().get_text().replace('\n', ' ')
+    assert 'identical' in title and 'local = again' in title and 'global' not in title
+    first, again = line(ax, 'local'), line(ax, 'again')
+    assert np.array_equal(first.get_ydata(), again.get_ydata())
+    assert first.get_markevery()[0] != again.get_markevery()[0]
+    assert plots.coincidence_note({'a': np.ones(3), 'b': np.ones(3) + 0.2}, 0.1) is None
+    assert plots.coinciding({'a': np.ones(3), 'b': np.ones(3) + 0.05, 'c': np.zeros(3)}, 0.1) == [['a', 'b']]
+
+
+def test_tightness_histogram_does_not_magnify_tiny_differences(tmp_path):
+    """Ratios all within 1e-4 of 1 (every neuron varies): the bins span RATIO_MIN_SPAN, the x axis has
+    no offset, and identical histograms are named."""
+    prefixes = []
+    for name in ('a', 'b'):
+        prefix = write_run(tmp_path, name, 3, 'local')
+        rows = list(csv.DictReader(open(prefix + '_radius.csv')))
+        for row in rows:
+            row['local_bound_eps'], row['global_bound'] = 4.0, 4.0002
+        with open(prefix + '_radius.csv', 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        prefixes.append(prefix)
+    fig = plots.tightness_figure([plots.load_run(p, n) for p, n in zip(prefixes, 'ab')])
+    spread = fig.axes[1]
+    edges = line(spread, 'a').get_xdata()
+    width = plots.RATIO_MIN_SPAN / plots.HISTOGRAM_BINS
+    assert edges[-1] - edges[0] >= plots.RATIO_MIN_SPAN - 1e-12 and np.allclose(np.diff(edges), width)
+    assert np.allclose(edges / width, np.round(edges / width))          # 1.0 is a bin edge
+    assert line(spread, 'a').get_ydata()[np.searchsorted(edges, 4.0 / 4.0002) - 1] == 40
+    fig.canvas.draw()
+    assert spread.xaxis.get_major_formatter().get_offset() == ''
+    assert 'identical' in spread.get_legend().get_title().get_text()
+
+
+def test_bound_ratio_figure_is_the_rows(tmp_path):
+    rng = np.random.default_rng(4)
+    ratios = {f'{t}-trained': [{'eps': e, 'bound': b, 'index': i, 'ratio': float(rng.uniform(0.6, 1.0))}
+                               for e in (0.1, 0.2, 0.4) for b in ('local', 'refined') for i in range(20)]
+              for t in ('global', 'local')}
+    fig = plots.bound_ratio_figure(ratios, 'relux on mnist, 20 held-out images')
+    ax = fig.axes[0]
+    for trained, rows in ratios.items():
+        for bound in ('local', 'refined'):
+            curve = line(ax, f'{trained}, {bound} bound')
+            assert list(curve.get_xdata()) == [0.1, 0.2, 0.4]
+            expected = [np.median([r['ratio'] for r in rows if r['bound'] == bound and r['eps'] == e])
+                        for e in (0.1, 0.2, 0.4)]
+            assert np.allclose(curve.get_ydata(), expected)
+    assert line(ax, 'global-trained, local bound').get_marker() != line(ax, 'global-trained, refined bound').get_marker()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert ax.get_legend().get_window_extent(renderer).y1 <= ax.xaxis.label.get_window_extent(renderer).y0
+    assert 'estimates' in ax.get_title() and '20 held-out images' in ax.get_title()
