@@ -157,7 +157,7 @@ def certified_radii(model, x, y, *, eps_max, settings=CERTIFIED, tol=1e-3, grid=
 
 def radius_rows(result, index, label, global_bound, bound='local'):
     """CSV rows (dicts keyed by ``RADIUS_COLUMNS``) of one ``certified_radii`` result; ``bound``
-    names the bound (local or refined) of the ``radius`` and ``local_bound*`` columns. A
+    names the bound (global, local or refined) of the ``radius`` and ``local_bound*`` columns. A
     misclassified example has radius 0 and ``correct`` 0: it is certified at no radius."""
     local_eps = result.get('local_bound_eps')
     rows = []
@@ -189,7 +189,7 @@ def dataset_radii(model, loader, *, device, eps_max, settings=CERTIFIED, eval_ep
             global_bound = local_bound.global_product(model, x.shape[1:], settings)
         result = certified_radii(model, x, y, eps_max=eps_max, settings=settings, eval_eps=eval_eps,
                                  anchors=anchors, store=store, index=index, **options)
-        rows += radius_rows(result, index, y.cpu(), global_bound, 'refined' if settings.bound == 'refined' else 'local')
+        rows += radius_rows(result, index, y.cpu(), global_bound, settings.bound)
         summary['examples'] += len(y)
         summary['non_monotone'] += result['non_monotone']
         summary['capped'] += int(result['capped'].sum())

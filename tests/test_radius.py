@@ -140,3 +140,13 @@ def test_dataset_radii_writes_the_csv(trained, tmp_path):
         assert 0 < float(r['local_bound_eps']) <= glob * 1.001
         assert float(r['radius']) >= 0 and r['bound'] == 'local'
         assert int(r['correct']) == int(int(r['prediction']) == int(r['label']))
+
+
+@pytest.mark.parametrize('bound', ['global', 'refined'])
+def test_the_csv_names_the_bound_that_certified(trained, bound):
+    """A radius found with the global (or refined) bound says so in the ``bound`` column."""
+    model, x, y = trained
+    loader = DataLoader(TensorDataset(x[:2], y[:2], torch.arange(2)), batch_size=2)
+    rows, _ = radius.dataset_radii(model, loader, device='cpu', eps_max=1.0, grid=2, tol=0.2, progress=False,
+                                   settings=SETTINGS.replace(bound=bound))
+    assert {row['bound'] for row in rows} == {bound}
