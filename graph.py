@@ -32,14 +32,14 @@ from settings import BoundError
 def as_chain(model, input_shape, rules):
     """``model`` as an ``nn.Sequential`` of layers whose types are in ``rules`` (see the module
     docstring); ``model`` itself when it already is one."""
-    if isinstance(model, nn.Sequential) and _all_ruled(model, rules):
+    if type(model) is nn.Sequential and _all_ruled(model, rules):
         return model
     if not isinstance(model, nn.Module):
         raise BoundError(f'expected an nn.Module, not {type(model).__name__}')
     _check_eval_mode(model)
     graph = _trace(model, rules)
-    _shapes(graph, model, input_shape)
     param = next(model.parameters(), None)
+    _shapes(graph, model, input_shape, param)
     chain = nn.Sequential(*_rewrite(graph, rules))
     return chain if param is None else chain.to(param.device)
 
@@ -56,10 +56,11 @@ def _check_eval_mode(model):
 
 
 def _all_ruled(layers, rules):
-    """True when every layer, inside residual blocks too, has a rule as it is."""
-    return all(type(layer) in rules and (type(layer) is not Residual
-                                         or all(_all_ruled(branch, rules) for branch in layer.branches))
-               for layer in layers)
+    """True when every layer, inside residual blocks too, has a rule as it is and every branch is a
+    plain ``nn.Sequential`` (a subclass may have its own forward: it is traced instead)."""
+    return all(type(layer) in rules and (type(layer) is not Residual or all(
+        type(branch) is nn.Sequential and _all_ruled(branch, rules) for branch in layer.branches))
+        for layer in layers)
 
 
 class _Tracer(fx.Tracer):
@@ -94,9 +95,9 @@ def _trace(model, rules):
     return fx.GraphModule(model, graph)
 
 
-def _shapes(graph, model, input_shape):
-    """Annotate every node with its output shape (``ShapeProp``, one probe forward)."""
-    param = next(model.parameters(), None)
+def _shapes(graph, model, input_shape, param):
+    """Annotate every node with its output shape (``ShapeProp``, one probe forward in the dtype and
+    on the device of ``param``, one of the model's parameters or None)."""
     probe = torch.zeros(1, *input_shape, dtype=param.dtype if param is not None else torch.float32,
                         device=param.device if param is not None else 'cpu')
     try:
@@ -155,8 +156,8 @@ def _input(node, layers, where):
 
 def _module_step(module, before, node, where, rules):
     name = f'{where} ({type(module).__name__})'
-    if isinstance(module, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)):
-        return before
+    if type(module) in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d):
+        return before                   # exact types: a subclass may compute something else
     if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d):
         return _batch_norm_step(module, before, name)
     if type(module) in (nn.AvgPool2d, nn.AdaptiveAvgPool2d):

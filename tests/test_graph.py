@@ -252,6 +252,34 @@ def test_what_the_pass_does_not_model_is_one_line_naming_the_node(net, message):
     assert '\n' not in str(caught.value)
 
 
+class Doubling(nn.Dropout):
+    """A Dropout subclass whose forward doubles: not a Dropout to drop."""
+
+    def forward(self, x):
+        return 2 * x
+
+
+class TripledSequential(nn.Sequential):
+    """A Sequential subclass whose forward triples the layers' output: not a plain chain."""
+
+    def forward(self, x):
+        return super().forward(x) * 3
+
+
+@pytest.mark.parametrize('net, message', [
+    (nn.Sequential(nn.Linear(16, 8), nn.ReLU(), Doubling(), nn.Linear(8, 2)), r'layer 2 \(Doubling\): no bound rule'),
+    (TripledSequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2)), r"node 'mul' \(mul\): not supported"),
+    (nn.Sequential(models.Residual(TripledSequential(nn.Linear(16, 16))), nn.Linear(16, 2)),
+     r'layer 0\.f \(TripledSequential\): no bound rule for this layer type \(its forward calls mul'),
+])
+def test_subclasses_with_their_own_forward_are_never_taken_for_their_base(net, message):
+    """A subclass of Dropout or Sequential computes what its forward says; the pass never bounds
+    it as the base class (which would drop the doubling, or walk the layers without the tripling)."""
+    x = torch.rand(2, 16) if not isinstance(net[0], nn.Flatten) else torch.rand(2, 1, 4, 4)
+    with pytest.raises(lb.BoundError, match=message):
+        lb.certify(net.eval(), x, torch.tensor([0, 1]), 0.1)
+
+
 def test_a_hook_inside_the_users_network_is_refused():
     net = randomised(SmallResNet()).float()
     net.bn.register_forward_hook(lambda module, inputs, output: output * 0)
