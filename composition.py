@@ -49,7 +49,6 @@ def operation_count(layers):
     return count
 
 
-
 def probe_input(model, shape):
     """A zero input of ``shape`` on the device and in the dtype of ``model``'s parameters."""
     param = next(model.parameters())

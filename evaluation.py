@@ -179,7 +179,6 @@ def converged_ratios(model, loader, args, runtime, eps, count):
     return torch.cat(local) / math.prod(local_bound.precise_global_norms(model, shape).values())
 
 
-
 # Lanczos steps of the logged global estimates (each within about 1% of its norm, cheap enough for
 # every epoch's test pass)
 GLOBAL_ESTIMATE_STEPS = 128

@@ -48,7 +48,6 @@ from spectral import global_spectral_norm, precise_global_norm, precise_masked_n
 from stores import SingularVectorStore, example_normals, example_seed
 
 
-
 # The public API and the names the scripts, the tests and the README read from this module.
 __all__ = ['activation_layers', 'ACTIVATIONS', 'affine_input_shapes', 'affine_layers', 'AffineRecord',
            'BallBoxIntersection', 'bound_outputs', 'boundable', 'BoundedModel', 'BoundError', 'BoundOutput',

@@ -155,7 +155,6 @@ TINY_8C_MAXMIN = [(.8, -.8), (1, -1), (1.4, -1.4), (1.4, -1.4), (1.4, -1.4), (1.
                   (3, -3), (1.6, -1.6)]
 
 
-
 def _conv_out(size, kernel, stride, padding):
     return (size + 2 * padding - kernel) // stride + 1
 

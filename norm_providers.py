@@ -17,7 +17,6 @@ from spectral import masked_norm
 from stores import example_normals
 
 
-
 def lipschitz_product(state, settings, *, starts=None, store_layers=None):
     """Per-sample product of the estimated norms of the recorded layers, the final start vectors,
     and the norms themselves ({layer index: sigma [B]}, detached). The estimate methods only.
@@ -47,11 +46,11 @@ def lipschitz_product(state, settings, *, starts=None, store_layers=None):
                                                    method=settings.method, tol=settings.tol,
                                                    grad=settings.power_grad)
         norms[rec.index], sigmas[rec.index] = sigma.detach(), sigma
-        product = product * sigma
+        if state.layout is None:        # a plain chain multiplies in record order
+            product = product * sigma
     if state.layout is not None:
-        product = composed(state.layout, sigmas) * torch.ones_like(product)
+        product = composed(state.layout, sigmas) * product
     return product, finals, norms
-
 
 
 def failure_events(settings, layers):
@@ -148,7 +147,6 @@ class GuaranteedNorms:
         self.rows = self.rows[keep.cpu()]
         for run in self.runs.values():
             run.keep(keep)
-
 
 
 class PassNorms:

@@ -160,13 +160,11 @@ def sum_rule(layer, index, state, options):
     branch is that Lipschitz, activations being 1-Lipschitz). The block's own factor in the local
     product is the sum of its branches' masked products (``composed``)."""
     ends = [_run_branch(branch, f'{index}.{b}', state, options) for b, branch in enumerate(layer.branches)]
-    scale = sum(composed(branch, {rec.index: rec.global_sigma for rec in state.records}, f'{index}.{b}')
-                for b, branch in enumerate(layer.branches))
-    if options.rigorous:            # an upper bound of the real sum of products
-        scale = scale * (1 + slack_factor(operation_count([layer])))
+    global_norms = {rec.index: rec.global_sigma for rec in state.records}
+    scale = sum(composed(branch, global_norms, f'{index}.{b}') for b, branch in enumerate(layer.branches))
     sparsity = state.sparsity + sum(end.sparsity - state.sparsity for end in ends)
-    if options.rigorous:
-        return _rigorous_sum(ends, state, scale, sparsity)
+    if options.rigorous:            # the scale an upper bound of the real sum of products
+        return _rigorous_sum(ends, state, scale * (1 + slack_factor(operation_count([layer]))), sparsity)
     centre, lower, upper = (sum(getattr(end, name) for end in ends) for name in ('centre', 'lower', 'upper'))
     radius = state.radius * scale
     r = radius.view(-1, *([1] * (centre.dim() - 1)))
