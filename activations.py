@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from composition import layer_key
+from composition import keyed_layers
 from interval_steps import larger, smaller
-from models import ClampGroupSort, ReLU_x, Residual, relu_x
+from models import ClampGroupSort, ReLU_x, relu_x
 from rounding import down, up
 from rules import RULES, activation_step, count_varying
 from settings import BoundError
@@ -208,16 +208,9 @@ register_activation(nn.ReLU, relu_rule)
 register_activation(ClampGroupSort, maxmin_rule)
 
 
-def activation_layers(model, prefix=None):
+def activation_layers(model):
     """Keys of the registered activation layers of ``model`` (inside residual blocks too)."""
-    keys = []
-    for j, layer in enumerate(model):
-        key = layer_key(prefix, j)
-        if type(layer) is Residual:
-            keys += [k for b, branch in enumerate(layer.branches) for k in activation_layers(branch, f'{key}.{b}')]
-        elif type(layer) in ACTIVATIONS:
-            keys.append(key)
-    return keys
+    return [key for key, layer in keyed_layers(model) if type(layer) in ACTIVATIONS]
 
 
 @torch.no_grad()

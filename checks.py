@@ -8,7 +8,7 @@ import torch.nn as nn
 import folded
 import graph
 import spectral
-from composition import layer_key
+from composition import keyed_layers, layer_key
 from models import ClampGroupSort, ConvLike, Flatten, Residual
 from operators import is_affine
 from rules import RULES, rule_for
@@ -140,18 +140,9 @@ def check_boundable(model):
         last = type(layers[-1]).__name__ if layers else 'nothing'
         raise BoundError(f'the last module of the model must be nn.Linear (the logits), not {last}: '
                          'an activation after the logits would void the worst-case translation')
-    _check_rules(layers[:-1], None)
-    check_bare_forwards(model)
-
-
-def _check_rules(layers, prefix):
-    """``rule_for`` every layer of the chain, inside residual blocks too."""
-    for j, layer in enumerate(layers):
-        key = layer_key(prefix, j)
+    for key, layer in keyed_layers(layers[:-1]):
         rule_for(layer, key)
-        if type(layer) is Residual:
-            for b, branch in enumerate(layer.branches):
-                _check_rules(list(branch), f'{key}.{b}')
+    check_bare_forwards(model)
 
 
 def _named_layers(model):

@@ -14,6 +14,17 @@ def layer_key(prefix, j):
     return j if prefix is None else f'{prefix}.{j}'
 
 
+def keyed_layers(layers, prefix=None):
+    """(key, layer) for every layer of the chain in pass order, a residual block followed by the
+    layers of its branches."""
+    for j, layer in enumerate(layers):
+        key = layer_key(prefix, j)
+        yield key, layer
+        if type(layer) is Residual:
+            for b, branch in enumerate(layer.branches):
+                yield from keyed_layers(branch, f'{key}.{b}')
+
+
 def composed(layers, values, prefix=None):
     """The bound of the chain ``layers`` from per-layer ``values`` ({layer key: norm}): a chain
     multiplies, a residual block adds its branches' bounds (an empty branch, the identity, is 1);

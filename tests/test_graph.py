@@ -369,3 +369,11 @@ def test_a_batchnorm_with_nan_statistics_is_one_line():
         net.layer1[0].bn2.running_var[1] = float('nan')
     with pytest.raises(lb.BoundError, match=r'layer 2 \(Residual\): statistic f\.2\.bn\.running_var holds NaN'):
         lb.certify(net, torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), 0.1)
+
+
+def test_layers_inside_residual_blocks_have_keys_in_pass_order():
+    """The zoo resnet's activations and affine layers inside blocks are keyed 'block.branch.layer'
+    (metrics columns, stores), and every one gets a rule check."""
+    model = models.select_model('mnist', 'resnet')
+    assert lb.activation_layers(model) == [1, '2.1.1', 3, '4.1.1', 5, 7, 10]
+    assert list(lb.affine_layers(model, (1, 28, 28))) == [0, '2.1.0', '2.1.2', '4.1.0', '4.1.2', 6, 9]
