@@ -43,7 +43,9 @@ def monotone_rule(act, fixed):
                          state.centre)
         finite = torch.isfinite(state.lower) & torch.isfinite(state.upper)
         mask = (~(fixed(layer, state.lower, state.upper) & finite)).to(state.centre.dtype)
-        return activation_step(index, state, lambda t: act(layer, t), mask, options=options, exact=False)
+        # a copy: an ``act`` that works in place must not change the pass's tensors (a residual
+        # block's other branch reads the same centre)
+        return activation_step(index, state, lambda t: act(layer, t.clone()), mask, options=options, exact=False)
     rule.act, rule.fixed = act, fixed
     return rule
 

@@ -8,7 +8,8 @@ computes what ``model`` computes in eval mode, sharing its parameters:
   the Conv2d / Linear before it (``FoldedConv``, ``FoldedLinear``) or, alone, a per-channel map
   (``ChannelScale``); AvgPool2d and AdaptiveAvgPool2d as convolutions of constant weights
   (``PoolConv``); Identity and Dropout (eval) dropped; ``F.relu`` / ``torch.relu`` as ``nn.ReLU``;
-  ``torch.flatten(x, 1)`` and ``x.view(x.size(0), -1)`` as ``Flatten``; ``x + conv(x)`` with a
+  ``torch.flatten(x, 1)`` and ``x.view(x.size(0), -1)`` as ``Flatten``; ``clone`` and
+  ``contiguous`` dropped; ``x + conv(x)`` with a
   size-keeping conv as ``LinearResidual``; any other sum ``a(x) + b(x)`` of two chains from a
   common tensor as a ``Residual`` block of the two branches.
 
@@ -41,7 +42,34 @@ def as_chain(model, input_shape, rules):
     param = next(model.parameters(), None)
     _shapes(graph, model, input_shape, param)
     chain = nn.Sequential(*_rewrite(graph, rules))
-    return chain if param is None else chain.to(param.device)
+    chain = chain if param is None else chain.to(param.device)
+    _check_same_function(chain, model, input_shape, param)
+    return chain
+
+
+def _check_same_function(chain, model, input_shape, param):
+    """Refuse a rewrite that does not compute what ``model`` computes on a few random inputs. The
+    pass reads the chain as a function of fresh values (``_fresh_values``); an in-place operation on
+    a tensor that is read again (``h + relu_(h)``) makes the forward compute something else."""
+    like = dict(dtype=param.dtype, device=param.device) if param is not None else {}
+    probes = torch.rand(3, *input_shape, generator=torch.Generator().manual_seed(0)).to(**like) * 2 - 0.5
+    with torch.no_grad():
+        expected, got = model(probes.clone()), _fresh_values(chain, probes)
+    scale = float(torch.nan_to_num(expected.abs(), posinf=0.0).max().clamp(min=1))
+    if expected.shape != got.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * scale, equal_nan=True):
+        raise BoundError(f'{type(model).__name__}: the traced graph does not compute what its forward computes '
+                         '(an in-place operation on a tensor that is used again?); write it without one')
+
+
+def _fresh_values(layers, x):
+    """The chain's output as the pass reads it: every layer applied to a copy of its input (no
+    in-place change reaches another branch), a residual block the sum of its branches."""
+    for layer in layers:
+        if type(layer) is Residual:
+            x = sum(_fresh_values(branch, x) for branch in layer.branches)
+        else:
+            x = layer(x.clone())
+    return x
 
 
 TRAINING_DEPENDENT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -208,6 +236,7 @@ RELUS = {F.relu, torch.relu, 'relu'}
 ADDS = {operator.add, torch.add, 'add'}
 FLATTENS = {torch.flatten, 'flatten'}
 RESHAPES = {'view', 'reshape', torch.reshape}
+COPIES = {'clone', torch.clone, 'contiguous'}      # the same values: the pass reads fresh values anyway
 
 
 def _function_step(node, layers, where):
@@ -217,6 +246,8 @@ def _function_step(node, layers, where):
     if node.target in RESHAPES and _keeps_batch_flattens(node) and layers.get(node.args[0]) is not None:
         return layers[node.args[0]] + [Flatten()]
     before = _input(node, layers, where)
+    if node.target in COPIES:
+        return before
     if node.target in RELUS and not node.kwargs.get('inplace', False):
         return before + [nn.ReLU()]
     if node.target in FLATTENS and _flattens_from_one(node):

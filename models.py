@@ -113,7 +113,8 @@ class Residual(nn.Module):
         return (self.shortcut, self.f)
 
     def forward(self, x):
-        return self.shortcut(x) + self.f(x)
+        branch = self.f(x.clone())      # a copy: an in-place layer of f cannot change the shortcut's input
+        return self.shortcut(x) + branch
 
 
 def same_size_problem(conv):

@@ -280,6 +280,42 @@ def test_subclasses_with_their_own_forward_are_never_taken_for_their_base(net, m
         lb.certify(net.eval(), x, torch.tensor([0, 1]), 0.1)
 
 
+class InPlaceAlias(nn.Module):
+    """``h + relu_(h)``: the in-place ReLU changes ``h`` too, so the forward is ``2 relu(h)``, while
+    the trace records ``h + relu(h)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.relu, self.fc = nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(inplace=True), nn.Linear(32, 2)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.fc(torch.flatten(h + self.relu(h), 1))
+
+
+def test_an_in_place_operation_that_aliases_is_refused():
+    with pytest.raises(lb.BoundError, match='the traced graph does not compute what its forward computes'):
+        lb.certify(InPlaceAlias().eval(), torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), 0.1)
+
+
+def test_an_in_place_activation_inside_a_residual_block_changes_nothing_else():
+    """Residual(f) with an in-place ReLU first in f: the block computes x + conv(relu(x)), what the
+    pass bounds (the ReLU works on a copy), and its certificates survive attacks."""
+    torch.manual_seed(7)
+    f = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(2, 2, 3, padding=1))
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), models.Residual(f), nn.ReLU(), models.Flatten(),
+                        nn.Linear(32, 3)).to(DT).eval()
+    x = torch.rand(6, 1, 4, 4, dtype=DT) - 0.5
+    h = net[0](x)
+    assert torch.equal(net[1](h.clone()), h + f[1](F.relu(h)))
+    y = net(x).argmax(1)
+    gen = torch.Generator().manual_seed(2)
+    for eps in (0.01, 0.1):
+        for i in torch.nonzero(lb.certify(net, x, y, eps)).flatten().tolist():
+            for j in set(range(3)) - {int(y[i])}:
+                assert attack_margin(net, x[i], int(y[i]), j, eps, gen, steps=20, starts=3) < 0
+
+
 def test_a_hook_inside_the_users_network_is_refused():
     net = randomised(SmallResNet()).float()
     net.bn.register_forward_hook(lambda module, inputs, output: output * 0)
